@@ -1,0 +1,164 @@
+"""Calibration and evaluation text: wikitext-2, c4, or a user's own file; seeded token windows.
+
+The joined text of the chosen split is cut in two: calibration windows are drawn from the start,
+and the last `held_out` fraction is kept apart for measuring perplexity, so quality is never
+measured on text the quantizer has seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import BadInput
+from .recipe import Calibration, Recipe
+
+WIKITEXT_ENV = "QUANTIZE_WIKITEXT_DIR"  # a folder holding wikitext-2-raw-v1/ and/or wikitext-2-v1/
+_WIKITEXT_FILES = {
+    ("wikitext-2-raw-v1", "test"): "wiki.test.raw",
+    ("wikitext-2-raw-v1", "validation"): "wiki.valid.raw",
+    ("wikitext-2-raw-v1", "train"): "wiki.train.raw",
+    ("wikitext-2-v1", "test"): "wiki.test.tokens",
+    ("wikitext-2-v1", "validation"): "wiki.valid.tokens",
+    ("wikitext-2-v1", "train"): "wiki.train.tokens",
+}
+DATASET_URLS = {
+    "wikitext": "https://huggingface.co/datasets/wikitext/viewer/{config}/{split}",
+    "c4": "https://huggingface.co/datasets/allenai/c4",
+}
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    calibration: str  # windows for GPTQ/AWQ/imatrix are drawn from this
+    evaluation: str  # held-out text for perplexity
+    facts: dict[str, Any]  # dataset, config, split, where it came from, how it was split
+
+    @property
+    def label(self) -> str:
+        return dataset_label(self.facts)
+
+
+def dataset_label(facts: dict[str, Any]) -> str:
+    if facts["dataset"] == "file":
+        return Path(facts["path"]).name
+    return facts["dataset"]
+
+
+def dataset_url(facts: dict[str, Any]) -> str | None:
+    template = DATASET_URLS.get(facts["dataset"])
+    return template.format(**facts) if template else None
+
+
+def _rows_from_lines(text: str) -> list[str]:
+    """The Hub's wikitext row layout: one row per line, "" for a blank line, else the line with its newline."""
+    return ["" if not line.strip() else line for line in text.splitlines(keepends=True)]
+
+
+def _local_wikitext(config: str, split: str) -> Path | None:
+    candidates = []
+    if os.environ.get(WIKITEXT_ENV):
+        candidates.append(Path(os.environ[WIKITEXT_ENV]))
+    candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2")
+    name = _WIKITEXT_FILES.get((config, split))
+    for folder in candidates:
+        if name and (folder / config / name).is_file():
+            return folder / config / name
+    return None
+
+
+def _wikitext_rows(config: str, split: str) -> tuple[list[str], str]:
+    local = _local_wikitext(config, split)
+    if local is not None:
+        return _rows_from_lines(local.read_text(encoding="utf-8")), str(local)
+    try:
+        import datasets  # optional: the online path
+    except ImportError:
+        raise BadInput(f"calibration: no local copy of wikitext {config}/{split} (set {WIKITEXT_ENV}) "
+                       "and the `datasets` package is not installed") from None
+    try:
+        rows = datasets.load_dataset("wikitext", config, split=split)["text"]
+    except Exception as exc:  # datasets raises many kinds; all mean "not available"
+        raise BadInput(f"calibration: cannot load wikitext {config}/{split} ({type(exc).__name__}); "
+                       f"set {WIKITEXT_ENV} to a local copy") from None
+    return list(rows), f"datasets:wikitext/{config}/{split}"
+
+
+def _c4_rows(split: str, limit: int = 20_000) -> tuple[list[str], str]:
+    try:
+        import datasets
+    except ImportError:
+        raise BadInput("calibration: dataset c4 needs the `datasets` package and the Hub") from None
+    try:
+        shard = "en/c4-validation.00000-of-00008.json.gz" if split != "train" else "en/c4-train.00000-of-01024.json.gz"
+        data = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+    except Exception as exc:
+        raise BadInput(f"calibration: cannot load c4 ({type(exc).__name__}); use dataset: file offline") from None
+    return [row["text"] for row in data.select(range(min(limit, len(data))))], f"datasets:allenai/c4/{split}"
+
+
+def _file_rows(path: Path) -> tuple[list[str], str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"calibration.path: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"calibration.path: cannot read {path} as UTF-8 text ({exc})") from None
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        return _rows_from_lines(raw), str(path)
+    rows = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise BadInput(f"calibration.path: {path} line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BadInput(f"calibration.path: {path} line {number} has no string \"text\" field")
+        rows.append(record["text"])
+    return rows, str(path)
+
+
+def load_texts(recipe: Recipe, calibration: Calibration | None = None) -> CalibrationText:
+    """The recipe's calibration text and its held-out evaluation part."""
+    calib = calibration or recipe.calibration
+    config = calib.resolved_config
+    if calib.dataset == "wikitext":
+        rows, origin = _wikitext_rows(config, calib.split)
+    elif calib.dataset == "c4":
+        rows, origin = _c4_rows(calib.split)
+    else:
+        rows, origin = _file_rows(recipe.resolve(calib.path))
+    joined = "\n\n".join(rows)
+    if not joined.strip():
+        raise BadInput(f"calibration: {origin} holds no text")
+    cut = _cut_at_whitespace(joined, int(len(joined) * (1 - calib.held_out)))
+    facts = {**calib.summary(), "source": origin, "characters": len(joined),
+             "evaluation": f"last {calib.held_out:.0%} of the text (held out from calibration)"}
+    if calib.dataset == "file":
+        facts["path"] = str(recipe.resolve(calib.path))
+    return CalibrationText(joined[:cut], joined[cut:], facts)
+
+
+def _cut_at_whitespace(text: str, position: int) -> int:
+    """Move a cut forward to the next paragraph or line break so no sentence is split."""
+    for marker in ("\n\n", "\n", " "):
+        found = text.find(marker, position)
+        if found != -1 and found - position < 5000:
+            return found
+    return position
+
+
+def token_windows(token_ids: Sequence[int], samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """`samples` seeded random windows of `seq_len` tokens (the GPTQ paper's calibration scheme)."""
+    if len(token_ids) <= seq_len:
+        raise BadInput(f"calibration: seq_len {seq_len} needs more text than the calibration set holds "
+                       f"({len(token_ids)} tokens); lower seq_len or use a larger dataset")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(token_ids) - seq_len) for _ in range(samples)]
+    return [list(token_ids[start:start + seq_len]) for start in starts]

@@ -1,0 +1,120 @@
+"""One manifest per produced variant: what was made, from what, with which tools, and how good it is.
+
+Manifests are JSON files under `<out>/manifests/<format>/<name>.json`, written atomically and last:
+a variant counts as finished only when its manifest exists and its files match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+MANIFEST_DIR = "manifests"
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str  # relative to the release's output folder
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    variant_id: str  # "gptq/main", "awq/main", "gguf/Q4_K_M"
+    format: str
+    repo_id: str
+    branch: str
+    params: dict[str, Any]
+    params_digest: str  # changes when the recipe asks for something else: then it is redone
+    calibration: dict[str, Any] | None = None
+    files: list[FileEntry]
+    tools: dict[str, str] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage
+    quality: dict[str, Any] = Field(default_factory=dict)  # perplexity, baseline, evaluation text
+    notes: list[str] = Field(default_factory=list)  # facts a reader should know (e.g. fallbacks)
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def weight_files(self) -> list[FileEntry]:
+        return [f for f in self.files if f.path.endswith((".safetensors", ".gguf", ".bin"))]
+
+
+def manifest_path(out_dir: Path, variant_id: str) -> Path:
+    return Path(out_dir) / MANIFEST_DIR / f"{variant_id}.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(out_dir: Path, paths: list[Path]) -> list[FileEntry]:
+    """Size and sha256 of each file, recorded relative to the output folder."""
+    out_dir = Path(out_dir)
+    return [FileEntry(path=p.relative_to(out_dir).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
+            for p in sorted(paths)]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, flush to disk, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
+    path = manifest_path(out_dir, manifest.variant_id)
+    write_atomic(path, (manifest.model_dump_json(indent=2) + "\n").encode())
+    return path
+
+
+def read_manifest(out_dir: Path, variant_id: str) -> Manifest | None:
+    """The variant's manifest, or None when there is none (or it is unreadable: then it is redone)."""
+    path = manifest_path(out_dir, variant_id)
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def mismatches(out_dir: Path, manifest: Manifest, check_hashes: bool = False) -> list[str]:
+    """What no longer matches the manifest: missing files, other sizes, other hashes (if asked)."""
+    problems = []
+    for entry in manifest.files:
+        path = Path(out_dir) / entry.path
+        if not path.is_file():
+            problems.append(f"{entry.path}: missing")
+        elif path.stat().st_size != entry.size:
+            problems.append(f"{entry.path}: size {path.stat().st_size} != {entry.size}")
+        elif check_hashes and sha256_file(path) != entry.sha256:
+            problems.append(f"{entry.path}: sha256 differs")
+    return problems
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,117 @@
+"""What we know about the source model without loading its weights: config, card, chat template.
+
+Reads a local folder or the Hub (config.json, README.md, tokenizer_config.json only). When a Hub
+model cannot be reached, the facts are None and a warning says so; the plan still works.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+from .recipe import Recipe
+
+# Decoder families whose MLP has gate, up and down projections (3 matrices of hidden x intermediate).
+GATED_MLP = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+             "phi3", "olmo", "olmo2", "granite", "cohere", "deepseek", "internlm2", "starcoder2x"}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Shapes and sizes from config.json: enough to plan, estimate sizes and check group sizes."""
+
+    config: dict[str, Any]
+    model_type: str | None
+    param_count: int | None  # all weights
+    linear_param_count: int | None  # weights of the decoder's Linear layers (what GPTQ/AWQ quantize)
+    linear_in_features: tuple[int, ...]  # distinct input widths of those layers
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.get("architectures") or [])
+
+    @property
+    def context_length(self) -> int | None:
+        return self.config.get("max_position_embeddings")
+
+
+@dataclass
+class SourceModel:
+    """The source model as the plan and the card see it."""
+
+    facts: ModelFacts | None  # None: config.json could not be reached (Hub offline)
+    local_path: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.facts.model_type if self.facts else None
+
+
+def facts_from_config(config: dict[str, Any]) -> ModelFacts:
+    text_config = config.get("text_config") or config  # multimodal wrappers keep the LM inside
+    model_type = config.get("model_type")
+    try:
+        hidden = int(text_config["hidden_size"])
+        layers = int(text_config["num_hidden_layers"])
+        heads = int(text_config["num_attention_heads"])
+        vocab = int(text_config["vocab_size"])
+        inter = int(text_config.get("intermediate_size") or 4 * hidden)
+    except (KeyError, TypeError, ValueError):
+        return ModelFacts(config, model_type, None, None, ())
+    kv_heads = int(text_config.get("num_key_value_heads") or heads)
+    head_dim = int(text_config.get("head_dim") or hidden // heads)
+    experts = int(text_config.get("num_local_experts") or 1)
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    mlp_mats = 3 if (model_type in GATED_MLP or "hidden_act" in text_config and model_type not in ("gpt2",)) else 2
+    mlp = mlp_mats * hidden * inter * experts
+    linear = layers * (attention + mlp)
+    embeddings = vocab * hidden * (1 if text_config.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
+    norms = (2 * layers + 1) * hidden
+    widths = tuple(sorted({hidden, heads * head_dim, inter}))
+    return ModelFacts(config, model_type, linear + embeddings + norms, linear, widths)
+
+
+def _hub_file(repo_id: str, revision: str, filename: str) -> Path | None:
+    """Download one small file from the Hub; None when it is missing or the Hub can't be reached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return None
+
+
+def source_file(recipe: Recipe, filename: str) -> Path | None:
+    """A file of the source model: from its local folder, else from the Hub (None if unavailable)."""
+    folder = recipe.resolve(recipe.source.path)
+    if folder is not None:
+        candidate = folder / filename
+        return candidate if candidate.is_file() else None
+    return _hub_file(recipe.source.hub, recipe.source.revision, filename)
+
+
+def inspect_source(recipe: Recipe) -> SourceModel:
+    """Config facts of the source model; BadInput when a local folder is missing or incomplete."""
+    folder = recipe.resolve(recipe.source.path)
+    if folder is not None:
+        if not folder.is_dir():
+            raise BadInput(f"source.path: model folder {folder} does not exist")
+        if not (folder / "config.json").is_file():
+            raise BadInput(f"source.path: no config.json in {folder}")
+    config_file = source_file(recipe, "config.json")
+    if config_file is None:
+        return SourceModel(None, None, [f"could not reach {recipe.source.hub} on the Hub: planning without size estimates"])
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"source: {config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"source: {config_file} is not a JSON object")
+    facts = facts_from_config(config)
+    warnings = [] if facts.param_count else ["config.json lacks the usual transformer sizes: no size estimates"]
+    return SourceModel(facts, folder, warnings)
