@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,26 @@ def facts_from_config(config: dict[str, Any]) -> ModelFacts:
     return ModelFacts(config, model_type, linear + embeddings + norms, linear, widths)
 
 
-def _hub_file(repo_id: str, revision: str, filename: str) -> Path | None:
-    """Download one small file from the Hub; None when it is missing or the Hub can't be reached."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+@lru_cache(maxsize=8)
+def hub_reachable(endpoint: str) -> bool:
+    """One quick request, no retries: the Hub client would retry an unreachable host for half a minute."""
+    from huggingface_hub import get_session
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        get_session().head(f"{endpoint}/api/models", timeout=5)
+    except Exception:  # any transport failure means "not reachable"
+        return False
+    return True
+
+
+def _hub_file(repo_id: str, revision: str, filename: str) -> Path | None:
+    """Download one small file from the Hub; None when it is missing or the Hub can't be reached."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
     except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError, ValueError):
         return None
 

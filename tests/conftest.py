@@ -57,3 +57,11 @@ def tiny_recipe(model: Path, **sections) -> dict:
     }
     recipe.update(sections)
     return recipe
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The real SmolLM2-135M-Instruct fp16 folder the demo recipe names (built once, ~40 s)."""
+    from quantize.fixtures import build_smollm2_fp16
+
+    return build_smollm2_fp16(REPO / "models" / "SmolLM2-135M-Instruct")

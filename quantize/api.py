@@ -1,0 +1,90 @@
+"""The Python API: what the CLI calls and what a CI job can import.
+
+    from quantize import api
+    plan = api.plan("recipes/demo.yaml")
+    result = api.release("recipes/demo.yaml", out="out/demo", publish=False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .card import RenderedCard, render_cards
+from .errors import BadInput
+from .plan import FORMATS, Plan, build_plan
+from .recipe import Recipe, load_recipe, with_model_path
+from .runner import Outcome, run_plan
+from .source import inspect_source
+
+
+def load(recipe_path: str | Path, model: str | Path | None = None) -> Recipe:
+    recipe = load_recipe(recipe_path)
+    return with_model_path(recipe, model) if model else recipe
+
+
+def plan(recipe_path: str | Path, model: str | Path | None = None, only: list[str] | None = None,
+         variants: list[str] | None = None) -> Plan:
+    """The release's plan: every variant with repo, branch or file, parameters and estimated size."""
+    recipe = load(recipe_path, model)
+    return _select(build_plan(recipe, inspect_source(recipe)), only, variants)
+
+
+def _select(full: Plan, only: list[str] | None, variants: list[str] | None) -> Plan:
+    unknown = [fmt for fmt in only or [] if fmt not in FORMATS]
+    if unknown:
+        raise BadInput(f"--only: unknown format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+    return full.select(only, variants) if (only or variants) else full
+
+
+def default_out_dir(recipe: Recipe) -> Path:
+    return Path.cwd() / "out" / recipe.release.basename
+
+
+@dataclass
+class ReleaseResult:
+    plan: Plan
+    out_dir: Path
+    outcomes: list[Outcome]
+    cards: list[RenderedCard] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def to_dict(self) -> dict:
+        return {
+            "status": "failed" if self.failed else "ok",
+            "out_dir": str(self.out_dir),
+            "variants": [{
+                "id": o.variant.id, "repo_id": o.variant.repo_id, "branch": o.variant.branch,
+                "status": o.status, "error": o.error, "seconds": round(o.seconds, 2),
+                "size": o.manifest.total_size if o.manifest else None,
+                "perplexity": o.manifest.quality.get("perplexity") if o.manifest else None,
+                "files": [f.path for f in o.manifest.files] if o.manifest else [],
+            } for o in self.outcomes],
+            "cards": [{"repo_id": c.repo_id, "path": str(c.path), "variants": c.produced} for c in self.cards],
+        }
+
+
+def release(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
+            variants: list[str] | None = None, model: str | Path | None = None, publish: bool = True,
+            log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None) -> ReleaseResult:
+    """Plan, produce every unfinished variant, render the cards (and publish, when asked)."""
+    full = plan(recipe_path, model)  # cards describe the whole release, not only this run's selection
+    chosen = _select(full, only, variants)
+    if publish and chosen.recipe.publish.target != "none":
+        raise BadInput(f"publish.target {chosen.recipe.publish.target!r}: publishing is not available in this "
+                       "version; run with --no-publish or set publish.target: none")
+    out_dir = Path(out).resolve() if out else default_out_dir(chosen.recipe)
+    outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome)
+    return ReleaseResult(chosen, out_dir, outcomes, render_cards(full, out_dir))
+
+
+def cards(recipe_path: str | Path, out: str | Path | None = None, model: str | Path | None = None,
+          include_planned: bool = False) -> list[RenderedCard]:
+    """Re-render every card from the manifests in `out` (no quantization)."""
+    full = plan(recipe_path, model)
+    out_dir = Path(out).resolve() if out else default_out_dir(full.recipe)
+    return render_cards(full, out_dir, include_planned=include_planned)

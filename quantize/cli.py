@@ -1,0 +1,171 @@
+"""`quantize` command line: parse, call the API, print, exit (0 ok, 1 failure during work, 2 bad input)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import __version__, api
+from .errors import QuantizeError
+from .plan import Plan
+from .quant_types import format_size
+
+WIDTH = None if sys.stdout.isatty() else 120  # rich assumes 80 columns when piped; tables need more
+out = Console(highlight=False, width=WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantize", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"quantize {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="show every variant a recipe would produce, with sizes")
+    plan.add_argument("recipe", type=Path)
+    plan.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+
+    release = commands.add_parser("release", help="produce (and publish) the whole release")
+    release.add_argument("recipe", type=Path)
+    release.add_argument("--out", type=Path, help="output folder (default: ./out/<basename>)")
+    release.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
+    release.add_argument("--only", type=_csv, help="formats to make, e.g. gptq,gguf")
+    release.add_argument("--variants", type=_csv, help="variants to make: ids, branches or GGUF types")
+    release.add_argument("--no-publish", action="store_true", help="produce and render cards, don't publish")
+    release.add_argument("--dry-run", action="store_true", help="only show the plan")
+    release.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
+    card = commands.add_parser("card", help="render every repo's README.md from the manifests")
+    card.add_argument("recipe", type=Path)
+    card.add_argument("--out", type=Path, help="the release's output folder (default: ./out/<basename>)")
+    card.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
+    card.add_argument("--planned", action="store_true",
+                      help="preview: include variants not produced yet, with estimated sizes")
+    return parser
+
+
+def _params_text(variant) -> str:
+    p = variant.params
+    if variant.format == "gguf":
+        return "imatrix" if p["imatrix"] else ""
+    text = f"{p['bits']}-bit, gs {p['group_size'] or 'none'}"
+    if variant.format == "gptq":
+        text += f", act-order {'on' if p['act_order'] else 'off'}, damp {p['damp']}"
+    return text + f", seq {variant.calibration['seq_len']}"
+
+
+def print_plan(plan: Plan) -> None:
+    for fmt, repo_id in plan.repo_ids().items():
+        variants = plan.of_format(fmt)
+        table = Table(title=f"{repo_id}: {len(variants)} variant(s), {format_size(plan.estimated_total(fmt))}",
+                      title_justify="left")
+        for column in ("File" if fmt == "gguf" else "Branch", "Method", "Parameters", "Est. size"):
+            table.add_column(column, justify="right" if column == "Est. size" else "left")
+        for v in variants:
+            method = v.name if v.format == "gguf" else v.format.upper()
+            table.add_row(v.file_name or v.branch, method, _params_text(v), format_size(v.estimated_bytes))
+        out.print(table)
+    if plan.working_bytes:
+        out.print(f"working files (f16 GGUF): {format_size(plan.working_bytes)}")
+    out.print(f"disk needed: {format_size(plan.estimated_disk())}")
+    for warning in plan.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def cmd_plan(args) -> int:
+    plan = api.plan(args.recipe, args.model)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print_plan(plan)
+    return 0
+
+
+def _print_outcome(outcome) -> None:
+    status = {"done": "[green]done[/]", "skipped": "[dim]already done[/]", "failed": "[red]FAILED[/]"}[outcome.status]
+    detail = f" ({escape(outcome.error)})" if outcome.error else ""
+    err.print(f"{outcome.variant.id}: {status}{detail}")
+
+
+def cmd_release(args) -> int:
+    if args.dry_run:
+        plan = api.plan(args.recipe, args.model, args.only, args.variants)
+        print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
+        return 0
+    result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
+                         publish=not args.no_publish, log=lambda message: err.print(f"[dim]{escape(message)}[/]"),
+                         on_outcome=_print_outcome)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_summary(result)
+    if result.failed:
+        names = ", ".join(o.variant.id for o in result.failed)
+        err.print(f"[red]error:[/] {len(result.failed)} variant(s) failed: {names}; the others are kept. "
+                  f"Details in {result.out_dir}/.staging/*.error.log")
+        return 1
+    return 0
+
+
+def _print_summary(result: api.ReleaseResult) -> None:
+    table = Table(title=f"Release in {result.out_dir}")
+    for column in ("Variant", "Status", "Size", "PPL", "Time"):
+        table.add_column(column)
+    for o in result.outcomes:
+        m = o.manifest
+        ppl = m.quality.get("perplexity") if m else None
+        table.add_row(o.variant.id, o.status, format_size(m.total_size) if m else "",
+                      f"{ppl:.3f}" if ppl else "", f"{o.seconds:.0f} s" if o.status == "done" else "")
+    out.print(table)
+    for card in result.cards:
+        out.print(f"card: {card.path}")
+
+
+def cmd_card(args) -> int:
+    cards = api.cards(args.recipe, args.out, args.model, include_planned=args.planned)
+    if not cards:
+        err.print("[yellow]warning:[/] no variant has been produced yet: no card rendered "
+                  "(run `quantize release` first, or `--planned` for a preview)")
+        return 0
+    for card in cards:
+        out.print(f"{card.repo_id}: {card.path}")
+        if card.missing and not args.planned:
+            err.print(f"[yellow]warning:[/] {card.repo_id}: {len(card.missing)} planned variant(s) not produced "
+                      f"yet and left out: {', '.join(card.missing)}")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "release": cmd_release, "card": cmd_card}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QuantizeError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("[red]interrupted:[/] finished variants are kept; run the same command again to continue")
+        return 130
+    except Exception as exc:  # an unexpected failure: one line, the details on request
+        if os.environ.get("QUANTIZE_DEBUG"):
+            traceback.print_exc()
+        err.print(f"[red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} (set QUANTIZE_DEBUG=1 for details)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
