@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .card import RenderedCard, render_cards
+from .card import RenderedCard, collect_manifests, render_cards
 from .errors import BadInput
 from .plan import FORMATS, Plan, build_plan
+from .publish import PublishedBranch, make_target, publish_release
 from .recipe import Recipe, load_recipe, with_model_path
 from .runner import Outcome, run_plan
 from .source import inspect_source
@@ -48,6 +49,7 @@ class ReleaseResult:
     out_dir: Path
     outcomes: list[Outcome]
     cards: list[RenderedCard] = field(default_factory=list)
+    published: list[PublishedBranch] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Outcome]:
@@ -65,6 +67,8 @@ class ReleaseResult:
                 "files": [f.path for f in o.manifest.files] if o.manifest else [],
             } for o in self.outcomes],
             "cards": [{"repo_id": c.repo_id, "path": str(c.path), "variants": c.produced} for c in self.cards],
+            "published": [{"repo_id": p.repo_id, "branch": p.branch, "files": p.files, "uploaded": p.uploaded}
+                          for p in self.published],
         }
 
 
@@ -74,12 +78,15 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     """Plan, produce every unfinished variant, render the cards (and publish, when asked)."""
     full = plan(recipe_path, model)  # cards describe the whole release, not only this run's selection
     chosen = _select(full, only, variants)
-    if publish and chosen.recipe.publish.target != "none":
-        raise BadInput(f"publish.target {chosen.recipe.publish.target!r}: publishing is not available in this "
-                       "version; run with --no-publish or set publish.target: none")
     out_dir = Path(out).resolve() if out else default_out_dir(chosen.recipe)
+    target = make_target(full, out_dir) if publish and full.recipe.publish.target != "none" else None
     outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome)
-    return ReleaseResult(chosen, out_dir, outcomes, render_cards(full, out_dir))
+    cards = render_cards(full, out_dir)
+    result = ReleaseResult(chosen, out_dir, outcomes, cards)
+    if target is not None and not result.failed:
+        result.published = publish_release(full, out_dir, collect_manifests(full, out_dir),
+                                           {card.repo_id: card.text for card in cards}, target, log)
+    return result
 
 
 def cards(recipe_path: str | Path, out: str | Path | None = None, model: str | Path | None = None,

@@ -18,7 +18,7 @@ from .render import render_card, validate_card
 
 CARDS_DIR = "cards"
 
-__all__ = ["RenderedCard", "render_cards", "card_path", "split_card", "validate_card", "OriginalCard",
+__all__ = ["RenderedCard", "render_cards", "card_path", "collect_manifests", "split_card", "validate_card", "OriginalCard",
            "PromptTemplate"]
 
 
