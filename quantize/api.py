@@ -80,6 +80,8 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     chosen = _select(full, only, variants)
     out_dir = Path(out).resolve() if out else default_out_dir(chosen.recipe)
     target = make_target(full, out_dir) if publish and full.recipe.publish.target != "none" else None
+    if target is not None:
+        target.check(list(full.repo_ids().values()))
     outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome)
     cards = render_cards(full, out_dir)
     result = ReleaseResult(chosen, out_dir, outcomes, cards)

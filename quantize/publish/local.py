@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..errors import WorkFailed
+from ..errors import BadInput, WorkFailed
 from ..manifest import sha256_file
 from .layout import GITATTRIBUTES, BranchContent, is_lfs
 
@@ -30,6 +30,10 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 class LocalGitTarget:
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    def check(self, repo_ids: list[str]) -> None:
+        if shutil.which("git") is None:
+            raise BadInput("publish: the local target needs git on PATH (or use publish.target: none)")
 
     def repo_dir(self, repo_id: str) -> Path:
         return self.root / f"{repo_id.split('/')[-1]}.git"
