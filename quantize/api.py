@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .card import RenderedCard, collect_manifests, render_cards
+from .card.original import prompt_template
 from .errors import BadInput
 from .plan import FORMATS, Plan, build_plan
 from .publish import PublishedBranch, make_target, publish_release
@@ -87,7 +88,8 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     result = ReleaseResult(chosen, out_dir, outcomes, cards)
     if target is not None and not result.failed:
         result.published = publish_release(full, out_dir, collect_manifests(full, out_dir),
-                                           {card.repo_id: card.text for card in cards}, target, log)
+                                           {card.repo_id: card.text for card in cards},
+                                           prompt_template(full.recipe), target, log)
     return result
 
 
@@ -97,3 +99,12 @@ def cards(recipe_path: str | Path, out: str | Path | None = None, model: str | P
     full = plan(recipe_path, model)
     out_dir = Path(out).resolve() if out else default_out_dir(full.recipe)
     return render_cards(full, out_dir, include_planned=include_planned)
+
+
+def regenerate_hub_card(repo_id: str, dry_run: bool = False, endpoint: str | None = None,
+                        token: str | None = None, log: Callable[[str], None] = print) -> list:
+    """Re-render a published repo's card from the Hub alone; push README.md to every branch."""
+    from .publish.hub import HubTarget
+    from .publish.regenerate import HubCardRegenerator
+
+    return HubCardRegenerator(HubTarget(endpoint=endpoint, token=token), log).regenerate(repo_id, dry_run)

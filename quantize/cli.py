@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, api
-from .errors import QuantizeError
+from .errors import BadInput, QuantizeError
 from .plan import Plan
 from .quant_types import format_size
 
@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
     card = commands.add_parser("card", help="render every repo's README.md from the manifests")
-    card.add_argument("recipe", type=Path)
+    card.add_argument("recipe", type=Path, nargs="?", help="the recipe (not with --from-hub)")
+    card.add_argument("--from-hub", metavar="REPO_ID",
+                      help="re-render a published repo's card from the Hub and push README.md to every branch")
+    card.add_argument("--dry-run", action="store_true", help="with --from-hub: show the diff, push nothing")
     card.add_argument("--out", type=Path, help="the release's output folder (default: ./out/<basename>)")
     card.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
     card.add_argument("--planned", action="store_true",
@@ -134,6 +137,18 @@ def _print_summary(result: api.ReleaseResult) -> None:
 
 
 def cmd_card(args) -> int:
+    if args.from_hub:
+        updates = api.regenerate_hub_card(args.from_hub, dry_run=args.dry_run,
+                                          log=lambda message: err.print(escape(message)))
+        for update in updates:
+            if args.dry_run and update.diff:
+                out.print(update.diff, markup=False, end="")
+            state = "changed" if update.changed else "unchanged"
+            err.print(f"{args.from_hub}@{update.branch}: README.md {state}"
+                      + (" (dry run: not pushed)" if args.dry_run and update.changed else ""))
+        return 0
+    if args.recipe is None:
+        raise BadInput("card: give a RECIPE, or --from-hub REPO_ID")
     cards = api.cards(args.recipe, args.out, args.model, include_planned=args.planned)
     if not cards:
         err.print("[yellow]warning:[/] no variant has been produced yet: no card rendered "

@@ -49,8 +49,17 @@ class Manifest(BaseModel):
     def total_size(self) -> int:
         return sum(entry.size for entry in self.files)
 
+    def repo_path(self, entry: FileEntry) -> str:
+        """A file's path inside its Hub repo/branch."""
+        return Path(entry.path).relative_to(output_subdir(self.format, self.branch)).as_posix()
+
     def weight_files(self) -> list[FileEntry]:
         return [f for f in self.files if f.path.endswith((".safetensors", ".gguf", ".bin"))]
+
+
+def output_subdir(fmt: str, branch: str) -> str:
+    """Where a variant's files live below the release's output folder (GGUF files share one)."""
+    return "gguf" if fmt == "gguf" else f"{fmt}/{branch}"
 
 
 def manifest_path(out_dir: Path, variant_id: str) -> Path:

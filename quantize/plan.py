@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BadInput
-from .manifest import params_digest
+from .manifest import output_subdir, params_digest
 from .quant_types import (GGUF_TYPES, awq_default_description, exllama_compatible,
                           gguf_file_name, gptq_default_description, quantized_bits_per_weight)
 from .recipe import AWQVariant, GPTQVariant, Recipe, assign_branches
@@ -39,7 +39,7 @@ class Variant:
     @property
     def output_subdir(self) -> str:
         """Where the variant's files go, below the release's output folder."""
-        return "gguf" if self.format == "gguf" else f"{self.format}/{self.branch}"
+        return output_subdir(self.format, self.branch)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "format": self.format, "repo_id": self.repo_id, "branch": self.branch,

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..card.original import PromptTemplate
 from ..manifest import Manifest
 from ..plan import Plan
 
 CARD_FILE = "README.md"
 RECORD_FILE = "quantize-release.json"
+RECORD_VERSION = 1
 # Files the Hub (and our local target) treat as LFS, as the Hub's default .gitattributes does.
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
                 ".model", ".npy", ".npz", ".zip", ".tar", ".gz", ".7z", ".arrow", ".parquet")
@@ -38,17 +40,21 @@ def is_lfs(path: str) -> bool:
     return path.lower().endswith(LFS_SUFFIXES)
 
 
-def release_record(plan: Plan, manifests: list[Manifest]) -> bytes:
-    """Everything needed to rebuild or audit the branch: recipe, parameters, tools, seeds, hashes."""
+def release_record(plan: Plan, manifests: list[Manifest], prompt: PromptTemplate) -> bytes:
+    """Everything needed to rebuild or audit the branch (recipe, parameters, tools, seeds, hashes)
+    and to re-render its card later without the source model (`quantize card --from-hub`)."""
     record: dict[str, Any] = {
+        "record_version": RECORD_VERSION,
         "recipe": json.loads(plan.recipe.model_dump_json(exclude={"base_dir"})),
+        "source_config": plan.source.facts.config if plan.source.facts else None,
+        "prompt_template": {"name": prompt.name, "text": prompt.text},
         "variants": [json.loads(m.model_dump_json()) for m in manifests],
     }
     return (json.dumps(record, indent=2, sort_keys=False) + "\n").encode()
 
 
 def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest],
-                    cards: dict[str, str]) -> list[BranchContent]:
+                    cards: dict[str, str], prompt: PromptTemplate) -> list[BranchContent]:
     """One BranchContent per (repo, branch) with a produced variant; `cards` maps repo_id -> README text."""
     contents: dict[tuple[str, str], BranchContent] = {}
     produced: dict[tuple[str, str], list[Manifest]] = {}
@@ -59,14 +65,13 @@ def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest],
         key = (variant.repo_id, variant.branch)
         content = contents.setdefault(key, BranchContent(variant.repo_id, variant.branch, {}))
         produced.setdefault(key, []).append(manifest)
-        base = Path(variant.output_subdir)
         for entry in manifest.files:
-            in_repo = Path(entry.path).relative_to(base).as_posix()
+            in_repo = manifest.repo_path(entry)
             content.files[in_repo] = Path(out_dir) / entry.path
             content.expected[in_repo] = (entry.size, entry.sha256)
     for key, content in contents.items():
         if content.repo_id not in cards:
             raise ValueError(f"no card rendered for {content.repo_id}")
         content.generated[CARD_FILE] = cards[content.repo_id].encode("utf-8")
-        content.generated[RECORD_FILE] = release_record(plan, produced[key])
+        content.generated[RECORD_FILE] = release_record(plan, produced[key], prompt)
     return list(contents.values())

@@ -1,0 +1,126 @@
+"""`quantize card --from-hub REPO`: re-render a published repo's card from what is on the Hub and
+push README.md only, to every branch, without touching the weights.
+
+What the card needs comes from the repo itself: the reproducibility record on each branch
+(recipe, manifests, source config, prompt template), the file sizes of each branch, and the
+original model card carried in the current README.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import CommitOperationAdd
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+from ..card.context import card_context
+from ..card.original import OriginalCard, PromptTemplate, split_card
+from ..card.render import render_card
+from ..errors import BadInput
+from ..manifest import Manifest
+from ..plan import build_plan
+from ..recipe import Recipe
+from ..source import SourceModel, facts_from_config
+from .hub import HubTarget
+from .layout import CARD_FILE, RECORD_FILE
+
+ORIGINAL_START = "<!-- original-model-card start -->\n"
+ORIGINAL_END = "<!-- original-model-card end -->"
+INHERITED_KEYS = ("license", "license_name", "license_link", "datasets", "language")
+
+
+@dataclass
+class CardUpdate:
+    branch: str
+    changed: bool
+    diff: str
+
+
+def original_from_card(text: str) -> OriginalCard | None:
+    """The original card a card of ours carries (body byte for byte, inherited metadata)."""
+    metadata = {k: v for k, v in split_card(text).metadata.items() if k in INHERITED_KEYS}
+    start = text.find(ORIGINAL_START)
+    if start == -1:
+        return OriginalCard(metadata, "") if metadata else None
+    after_title = text.index("\n\n", start + len(ORIGINAL_START)) + 2
+    end = text.rfind(ORIGINAL_END)
+    return OriginalCard(metadata, text[after_title:end if end > after_title else len(text)])
+
+
+class HubCardRegenerator:
+    def __init__(self, target: HubTarget, log: Callable[[str], None] = print):
+        self.target = target
+        self.api = target.api
+        self.log = log
+
+    def _read(self, repo_id: str, path: str, branch: str) -> bytes | None:
+        try:
+            return Path(self.api.hf_hub_download(repo_id, path, revision=branch)).read_bytes()
+        except EntryNotFoundError:
+            return None
+
+    def _records(self, repo_id: str) -> dict[str, dict]:
+        try:
+            branches = [ref.name for ref in self.api.list_repo_refs(repo_id).branches]
+        except RepositoryNotFoundError:
+            raise BadInput(f"card --from-hub: {repo_id} not found on the Hub (or the token can't see it)") from None
+        except HfHubHTTPError as exc:
+            raise BadInput(f"card --from-hub: {repo_id}: {type(exc).__name__}") from None
+        records = {}
+        for branch in branches:
+            data = self._read(repo_id, RECORD_FILE, branch)
+            if data is not None:
+                records[branch] = json.loads(data)
+        if not records:
+            raise BadInput(f"card --from-hub: no branch of {repo_id} has {RECORD_FILE}: was it published by quantize?")
+        return records
+
+    def _manifests(self, repo_id: str, records: dict[str, dict]) -> dict[str, Manifest]:
+        """Each variant's manifest, with file sizes as the Hub holds them now."""
+        manifests = {}
+        for branch, record in records.items():
+            sizes = {entry.path: (entry.lfs.size if entry.lfs else entry.size)
+                     for entry in self.api.list_repo_tree(repo_id, revision=branch, recursive=True)
+                     if hasattr(entry, "size")}
+            for raw in record["variants"]:
+                manifest = Manifest.model_validate(raw)
+                for entry in manifest.files:
+                    entry.size = sizes.get(manifest.repo_path(entry), entry.size)
+                manifests[manifest.variant_id] = manifest
+        return manifests
+
+    def render(self, repo_id: str) -> tuple[str, list[str]]:
+        """The card re-rendered from the Hub, and the branches that carry a record."""
+        records = self._records(repo_id)
+        record = records.get("main") or next(iter(records.values()))
+        recipe = Recipe.model_validate({**record["recipe"], "base_dir": Path.cwd()})
+        config = record.get("source_config")
+        plan = build_plan(recipe, SourceModel(facts_from_config(config) if config else None, None))
+        fmt = next((f for f, rid in plan.repo_ids().items() if rid == repo_id), None)
+        if fmt is None:
+            raise BadInput(f"card --from-hub: the record on {repo_id} describes {', '.join(plan.repo_ids().values())}")
+        current = self._read(repo_id, CARD_FILE, "main")
+        original = original_from_card(current.decode("utf-8")) if current else None
+        prompt = PromptTemplate(**record["prompt_template"])
+        context = card_context(plan, fmt, self._manifests(repo_id, records), original, prompt)
+        return render_card(context, recipe.release.tags, recipe.source.license), list(records)
+
+    def regenerate(self, repo_id: str, dry_run: bool = False) -> list[CardUpdate]:
+        text, branches = self.render(repo_id)
+        updates = []
+        for branch in branches:
+            current = (self._read(repo_id, CARD_FILE, branch) or b"").decode("utf-8")
+            diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                                f"{branch}/README.md (Hub)", f"{branch}/README.md (new)"))
+            changed = current != text
+            if changed and not dry_run:
+                self.target._retrying(f"pushing README.md to {branch}", repo_id, lambda b=branch: self.api.create_commit(
+                    repo_id, operations=[CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=text.encode())],
+                    revision=b, commit_message="quantize: regenerate model card"))
+                self.log(f"{repo_id}@{branch}: README.md updated")
+            updates.append(CardUpdate(branch, changed, diff))
+        return updates
