@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""The whole GGUF k-quant ladder of SmolLM2-135M-Instruct, without and with an importance matrix.
+
+Prints, per type: file size, bits per weight (measured from the file), perplexity on held-out
+wikitext and its change from the F16 baseline, and the time of each stage; then what the release
+cost against the naive way (one conversion per type).
+
+    flock /tmp/quantize-heavy.lock .venv/bin/python scripts/bench_gguf.py [--fresh]
+
+Needs the fp16 model (scripts/build_smollm2.py) and llama.cpp (scripts/setup_llamacpp.sh).
+Results are kept: a second run reuses finished files, so use --fresh for timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if (REPO.parent / "shared" / "data" / "wikitext-2").is_dir():
+    os.environ.setdefault("QUANTIZE_WIKITEXT_DIR", str(REPO.parent / "shared" / "data" / "wikitext-2"))
+
+from quantize.plan import build_plan  # noqa: E402
+from quantize.quant_types import GGUF_LADDER, format_size  # noqa: E402
+from quantize.recipe import load_recipe  # noqa: E402
+from quantize.runner import run_plan  # noqa: E402
+from quantize.source import inspect_source  # noqa: E402
+
+MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+SHARED_STAGES = ("convert_shared", "imatrix_shared", "baseline_perplexity_shared")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "bench-gguf")
+    parser.add_argument("--types", nargs="+", default=GGUF_LADDER)
+    parser.add_argument("--imatrix-chunks", type=int, default=64, help="512-token chunks (0: all the calibration text)")
+    parser.add_argument("--held-out", type=float, default=0.05, help="fraction of wikitext kept for perplexity")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier results first (for timings)")
+    return parser.parse_args()
+
+
+def recipe_for(args: argparse.Namespace, imatrix: bool) -> dict:
+    gguf = {"types": args.types, "imatrix": imatrix}
+    if imatrix and args.imatrix_chunks:
+        gguf["imatrix_chunks"] = args.imatrix_chunks
+    return {
+        "source": {"path": str(args.model.resolve()), "name": "SmolLM2 135M Instruct", "creator": "Hugging Face",
+                   "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+        "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
+        "calibration": {"dataset": "wikitext", "held_out": args.held_out},
+        "gguf": gguf,
+    }
+
+
+def run_release(args: argparse.Namespace, imatrix: bool) -> tuple[list, float]:
+    folder = args.out / ("imatrix" if imatrix else "plain")
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_for(args, imatrix), sort_keys=False))
+    recipe = load_recipe(recipe_path)
+    started = time.monotonic()
+    outcomes = run_plan(build_plan(recipe, inspect_source(recipe)), folder / "out", log=lambda line: print("  " + line))
+    failed = [f"{o.variant.id}: {o.error}" for o in outcomes if o.status == "failed"]
+    if failed:
+        raise SystemExit("failed:\n" + "\n".join(failed))
+    return [o.manifest for o in outcomes], time.monotonic() - started
+
+
+def print_ladder(plain: list, matrixed: list) -> None:
+    baseline = plain[0].quality["baseline_perplexity"]
+    print(f"\nF16 baseline perplexity: {baseline:.4f} (llama.cpp, {plain[0].quality['eval_text']})\n")
+    print(f"{'type':8} {'size':>10} {'bpw':>6} {'ppl':>9} {'Δ f16':>7} {'ppl imat':>9} {'Δ f16':>7} "
+          f"{'quant s':>8} {'q+imat s':>8} {'ppl s':>6}")
+    for without, with_imatrix in zip(plain, matrixed):
+        ppl, ppl_i = without.quality["perplexity"], with_imatrix.quality["perplexity"]
+        print(f"{without.params['type']:8} {format_size(without.total_size):>10} {without.params['bpw']:>6.2f} "
+              f"{ppl:>9.4f} {100 * (ppl / baseline - 1):>+6.1f}% {ppl_i:>9.4f} {100 * (ppl_i / baseline - 1):>+6.1f}% "
+              f"{without.timings['quantize']:>8.1f} {with_imatrix.timings['quantize']:>8.1f} "
+              f"{without.timings['perplexity']:>6.1f}")
+    fallbacks = {note for m in plain for note in m.notes if "fell back" in note}
+    if fallbacks:
+        print("\nk-quant fallbacks reported by llama-quantize (rows not a multiple of 256):")
+        for note in sorted(fallbacks):
+            print(f"  {note}")
+
+
+def print_costs(label: str, manifests: list, wall: float) -> None:
+    shared = {stage: manifests[0].timings.get(stage) for stage in SHARED_STAGES if stage in manifests[0].timings}
+    quantize = sum(m.timings["quantize"] for m in manifests)
+    perplexity = sum(m.timings["perplexity"] for m in manifests)
+    convert = shared["convert_shared"]
+    imatrix = shared.get("imatrix_shared", 0.0)
+    naive = convert * len(manifests) + imatrix + quantize
+    ours = convert + imatrix + quantize
+    print(f"\n{label}: wall {wall:.0f} s for {len(manifests)} types; shared stages "
+          + ", ".join(f"{k.removesuffix('_shared')} {v:.1f} s" for k, v in shared.items())
+          + f"; quantize {quantize:.1f} s (sum over types, run in parallel); perplexity {perplexity:.1f} s")
+    print(f"  making the files: one conversion {ours:.1f} s vs naive one-conversion-per-type {naive:.1f} s "
+          f"({naive / ours:.1f}x)")
+
+
+def main() -> None:
+    args = parse_args()
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"{args.model}: no fp16 model; run scripts/build_smollm2.py first")
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    print("without imatrix:")
+    plain, plain_wall = run_release(args, imatrix=False)
+    print("with imatrix:")
+    matrixed, matrixed_wall = run_release(args, imatrix=True)
+    print_ladder(plain, matrixed)
+    print_costs("without imatrix", plain, plain_wall)
+    print_costs("with imatrix", matrixed, matrixed_wall)
+    imatrix = matrixed[0].calibration["imatrix"]
+    print(f"  imatrix: {imatrix['chunks']} chunks of {imatrix['context']} tokens from {imatrix['dataset']}")
+    summary = {"plain": [m.model_dump() for m in plain], "imatrix": [m.model_dump() for m in matrixed],
+               "wall_s": {"plain": plain_wall, "imatrix": matrixed_wall}}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nmanifests: {args.out}/*/out/manifests; summary: {args.out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
