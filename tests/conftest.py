@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+from quantize.backends.base import Backend, Produced
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -65,3 +68,55 @@ def smollm2_folder() -> Path:
     from quantize.fixtures import build_smollm2_fp16
 
     return build_smollm2_fp16(REPO / "models" / "SmolLM2-135M-Instruct")
+
+
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+               "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 49152, "tie_word_embeddings": True,
+               "max_position_embeddings": 2048}
+
+
+class RecordingBackend(Backend):
+    """Writes a small 'model' per variant; records calls; can fail on chosen variants."""
+
+    calls: list[str] = []
+    fail_on: set[str] = set()
+
+    def check(self, variants):
+        pass
+
+    def produce(self, variant, staging: Path) -> Produced:
+        RecordingBackend.calls.append(variant.id)
+        if variant.id in RecordingBackend.fail_on:
+            raise RuntimeError(f"simulated crash in {variant.id}")
+        if variant.format == "gguf":
+            path = staging / variant.file_name
+            path.write_bytes(variant.name.encode() * 1000)
+            return Produced([path], quality={"perplexity": 10.0})
+        weights = staging / "model.safetensors"
+        weights.write_bytes(json.dumps(variant.params).encode() * 100)
+        config = staging / "config.json"
+        config.write_text(json.dumps({"quantization_config": variant.params}))
+        return Produced([weights, config], quality={"perplexity": 12.5, "baseline_perplexity": 11.0})
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    RecordingBackend.calls = []
+    RecordingBackend.fail_on = set()
+    monkeypatch.setattr("quantize.runner.backend_class", lambda fmt: RecordingBackend)
+    return RecordingBackend
+
+
+@pytest.fixture
+def release_recipe(tmp_path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (model / "README.md").write_text("# The original card\n")
+    data = tiny_recipe(model, gptq=[{"bits": 4}, {"bits": 8, "group_size": "none"}], gguf={"types": ["Q4_K_M", "Q8_0"]})
+    data["source"]["prompt_template"] = "{prompt}"
+    data["publish"] = {"target": "local"}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

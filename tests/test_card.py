@@ -18,7 +18,7 @@ from quantize.plan import build_plan
 from quantize.recipe import load_recipe
 from quantize.source import SourceModel, facts_from_config
 
-from .conftest import REPO, tiny_recipe
+from .conftest import REPO, TINY_CONFIG, tiny_recipe
 
 WIKITEXT = "[wikitext](https://huggingface.co/datasets/wikitext/viewer/wikitext-2-v1/test)"
 TREE = "https://huggingface.co/TheBloke/Airoboros-c34B-3.1.2-GPTQ/tree"
@@ -135,12 +135,6 @@ def write_tiny_release(tmp_path: Path, tiny_model_config: dict, card_text: str, 
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     return recipe_path, tmp_path / "out"
-
-
-TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-               "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "vocab_size": 49152, "tie_word_embeddings": True,
-               "max_position_embeddings": 2048}
 
 
 def test_quantize_card_renders_every_produced_repo(tmp_path, capsys):

@@ -15,59 +15,10 @@ import pytest
 import yaml
 
 from quantize import api
-from quantize.backends.base import Backend, Produced
 from quantize.cli import main
 from quantize.manifest import read_manifest, sha256_file
 from quantize.publish.layout import RECORD_FILE
 
-from .conftest import tiny_recipe
-from .test_card import TINY_CONFIG
-
-
-class RecordingBackend(Backend):
-    """Writes a small 'model' per variant; records calls; can fail on chosen variants."""
-
-    calls: list[str] = []
-    fail_on: set[str] = set()
-
-    def check(self, variants):
-        pass
-
-    def produce(self, variant, staging: Path) -> Produced:
-        RecordingBackend.calls.append(variant.id)
-        if variant.id in RecordingBackend.fail_on:
-            raise RuntimeError(f"simulated crash in {variant.id}")
-        if variant.format == "gguf":
-            path = staging / variant.file_name
-            path.write_bytes(variant.name.encode() * 1000)
-            return Produced([path], quality={"perplexity": 10.0})
-        weights = staging / "model.safetensors"
-        weights.write_bytes(json.dumps(variant.params).encode() * 100)
-        config = staging / "config.json"
-        config.write_text(json.dumps({"quantization_config": variant.params}))
-        return Produced([weights, config], quality={"perplexity": 12.5, "baseline_perplexity": 11.0})
-
-
-@pytest.fixture
-def recording(monkeypatch):
-    RecordingBackend.calls = []
-    RecordingBackend.fail_on = set()
-    monkeypatch.setattr("quantize.runner.backend_class", lambda fmt: RecordingBackend)
-    return RecordingBackend
-
-
-@pytest.fixture
-def release_recipe(tmp_path) -> Path:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
-    (model / "README.md").write_text("# The original card\n")
-    data = tiny_recipe(model, gptq=[{"bits": 4}, {"bits": 8, "group_size": "none"}], gguf={"types": ["Q4_K_M", "Q8_0"]})
-    data["source"]["prompt_template"] = "{prompt}"
-    data["publish"] = {"target": "local"}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def git(repo: Path, *args: str) -> str:

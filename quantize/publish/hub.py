@@ -14,9 +14,11 @@ import time
 from typing import Callable
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from ..errors import BadInput, WorkFailed
+from ..manifest import sha256_file
 from .layout import RECORD_FILE, BranchContent, is_lfs
 
 RETRIES = 6
@@ -55,6 +57,7 @@ class HubTarget:
     def __init__(self, private: bool = False, endpoint: str | None = None, token: str | None = None,
                  sleep: Callable[[float], None] = time.sleep):
         self.api = HfApi(endpoint=endpoint, token=token)
+        disable_progress_bars()  # our own log says what is uploaded; per-file bars flood CI logs
         self.private = private
         self.sleep = sleep
 
@@ -107,19 +110,14 @@ class HubTarget:
             self.api.create_branch(content.repo_id, branch=content.branch, exist_ok=True)
 
     def _operations(self, content: BranchContent, remote: dict) -> list:
+        """Adds for what the branch lacks or holds differently, deletes for what isn't the variant's."""
         operations = []
         for path, local in sorted(content.files.items()):
-            entry = remote.get(path)
-            size, sha256 = content.expected.get(path, (local.stat().st_size, None))
-            if entry is not None and entry.size == size:
-                if entry.lfs is not None and sha256 and entry.lfs.sha256 == sha256:
-                    continue
-                if entry.lfs is None and not is_lfs(path) and entry.blob_id == git_blob_id(local.read_bytes()):
-                    continue
-            operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)))
+            size, sha256 = content.expected.get(path) or (local.stat().st_size, sha256_file(local))
+            if not _same_file(remote.get(path), size, sha256, local.read_bytes if not is_lfs(path) else None):
+                operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)))
         for path, data in sorted(content.generated.items()):
-            entry = remote.get(path)
-            if entry is None or entry.blob_id != git_blob_id(data):
+            if not _same_file(remote.get(path), len(data), hashlib.sha256(data).hexdigest(), lambda d=data: d):
                 operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=data))
         wanted = set(content.all_paths()) | {".gitattributes"}
         operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(set(remote) - wanted)]
@@ -140,6 +138,15 @@ class HubTarget:
         tree = self._retrying(f"listing {content.branch}", content.repo_id, lambda: self._tree(content))
         return {path: (entry.lfs.size if entry.lfs else entry.size, entry.lfs.sha256 if entry.lfs else None)
                 for path, entry in tree.items()}
+
+
+def _same_file(entry, size: int, sha256: str, read_bytes: Callable[[], bytes] | None) -> bool:
+    """Whether a remote tree entry already holds this content (LFS: sha256; regular: git blob id)."""
+    if entry is None:
+        return False
+    if entry.lfs is not None:
+        return entry.lfs.size == size and entry.lfs.sha256 == sha256
+    return entry.size == size and read_bytes is not None and entry.blob_id == git_blob_id(read_bytes())
 
 
 def _stored_token() -> str | None:
