@@ -75,7 +75,8 @@ class ReleaseResult:
 
 def release(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
             variants: list[str] | None = None, model: str | Path | None = None, publish: bool = True,
-            log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None) -> ReleaseResult:
+            log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None,
+            on_start: Callable[[Plan], None] | None = None) -> ReleaseResult:
     """Plan, produce every unfinished variant, render the cards (and publish, when asked)."""
     full = plan(recipe_path, model)  # cards describe the whole release, not only this run's selection
     chosen = _select(full, only, variants)
@@ -83,6 +84,8 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     target = make_target(full, out_dir) if publish and full.recipe.publish.target != "none" else None
     if target is not None:
         target.check(list(full.repo_ids().values()))
+    if on_start:
+        on_start(chosen)
     outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome)
     cards = render_cards(full, out_dir)
     result = ReleaseResult(chosen, out_dir, outcomes, cards)

@@ -16,6 +16,7 @@ from rich.table import Table
 from . import __version__, api
 from .errors import BadInput, QuantizeError
 from .plan import Plan
+from .progress import ReleaseProgress
 from .quant_types import format_size
 
 WIDTH = None if sys.stdout.isatty() else 120  # rich assumes 80 columns when piped; tables need more
@@ -96,20 +97,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _print_outcome(outcome) -> None:
-    status = {"done": "[green]done[/]", "skipped": "[dim]already done[/]", "failed": "[red]FAILED[/]"}[outcome.status]
-    detail = f" ({escape(outcome.error)})" if outcome.error else ""
-    err.print(f"{outcome.variant.id}: {status}{detail}")
-
-
 def cmd_release(args) -> int:
     if args.dry_run:
         plan = api.plan(args.recipe, args.model, args.only, args.variants)
         print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
         return 0
-    result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
-                         publish=not args.no_publish, log=lambda message: err.print(f"[dim]{escape(message)}[/]"),
-                         on_outcome=_print_outcome)
+    progress = ReleaseProgress(err)
+    try:
+        result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
+                             publish=not args.no_publish, log=progress.log, on_outcome=progress.outcome,
+                             on_start=progress.start)
+    finally:
+        progress.stop()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
