@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     card.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
     card.add_argument("--planned", action="store_true",
                       help="preview: include variants not produced yet, with estimated sizes")
+    doctor = commands.add_parser("doctor", help="show the tools and libraries found, and what is missing")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -161,7 +163,35 @@ def cmd_card(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "release": cmd_release, "card": cmd_card}
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    facts = doctor.report()
+    missing = doctor.problems(facts)
+    if args.json:
+        print(json.dumps({**facts, "problems": missing}, indent=2))
+        return 1 if missing else 0
+    table = Table(title="quantize doctor", title_justify="left")
+    for column in ("Component", "Version", "Where / use"):
+        table.add_column(column)
+    table.add_row("python", facts["python"], "")
+    for lib in facts["libraries"]:
+        table.add_row(lib["name"], lib["version"] or "[red]missing[/]", lib["needed_for"])
+    llama = facts["llama_cpp"]
+    for tool in llama["tools"]:
+        table.add_row(tool["name"], escape(tool["version"] or "?"), escape(tool["path"]))
+    if not llama["found"]:
+        table.add_row("llama.cpp", "[red]missing[/]", escape(llama["problem"] or ""))
+    table.add_row("wikitext-2", "local" if facts["wikitext"]["local_copy"] else "-",
+                  escape(facts["wikitext"]["local_copy"] or f"set {facts['wikitext']['env']}"))
+    table.add_row("Hub token", facts["hub"]["token"], escape(facts["hub"]["endpoint"]))
+    out.print(table)
+    for problem in missing:
+        err.print(f"[yellow]missing:[/] {escape(problem)}")
+    return 1 if missing else 0
+
+
+COMMANDS = {"plan": cmd_plan, "release": cmd_release, "card": cmd_card, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

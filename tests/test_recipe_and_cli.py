@@ -158,3 +158,14 @@ def test_every_shipped_recipe_plans(recipe, smollm2_folder, capsys):
     code, out, err = run_cli(capsys, "plan", recipe)
     assert code == 0, err
     assert "variant(s)" in out
+
+
+def test_doctor_reports_tools_and_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QUANTIZE_LLAMA_CPP", str(tmp_path / "no-llama-here"))
+    code, out, _ = run_cli(capsys, "doctor", "--json")
+    facts = json.loads(out)
+    assert code == 1
+    assert {lib["name"] for lib in facts["libraries"]} >= {"torch", "transformers", "gptqmodel", "huggingface_hub"}
+    assert facts["llama_cpp"]["found"] is False
+    assert any(problem.startswith("llama.cpp:") for problem in facts["problems"])
+    assert facts["hub"]["token"] in ("found", "missing")
