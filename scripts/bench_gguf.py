@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ if (REPO.parent / "shared" / "data" / "wikitext-2").is_dir():
     os.environ.setdefault("QUANTIZE_WIKITEXT_DIR", str(REPO.parent / "shared" / "data" / "wikitext-2"))
 
 from quantize.plan import build_plan  # noqa: E402
-from quantize.quant_types import GGUF_LADDER, format_size  # noqa: E402
+from quantize.quant_types import GGUF_LADDER  # noqa: E402
 from quantize.recipe import load_recipe  # noqa: E402
 from quantize.runner import run_plan  # noqa: E402
 from quantize.source import inspect_source  # noqa: E402
@@ -74,25 +75,33 @@ def run_release(args: argparse.Namespace, imatrix: bool) -> tuple[list, float]:
     failed = [f"{o.variant.id}: {o.error}" for o in outcomes if o.status == "failed"]
     if failed:
         raise SystemExit("failed:\n" + "\n".join(failed))
+    if all(o.status == "skipped" for o in outcomes):
+        print("  (every type was already made: figures below are from that run; use --fresh to time again)")
     return [o.manifest for o in outcomes], time.monotonic() - started
+
+
+def fallback_count(manifest) -> str:
+    """"12/272" from llama-quantize's fallback note, "-" when every tensor took its type."""
+    for note in manifest.notes:
+        match = re.search(r"fallback types for (\d+) of (\d+) tensors", note)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    return "-"
 
 
 def print_ladder(plain: list, matrixed: list) -> None:
     baseline = plain[0].quality["baseline_perplexity"]
     print(f"\nF16 baseline perplexity: {baseline:.4f} (llama.cpp, {plain[0].quality['eval_text']})\n")
-    print(f"{'type':8} {'size':>10} {'bpw':>6} {'ppl':>9} {'Δ f16':>7} {'ppl imat':>9} {'Δ f16':>7} "
-          f"{'quant s':>8} {'q+imat s':>8} {'ppl s':>6}")
+    print(f"{'type':8} {'size MB':>8} {'bpw':>6} {'ppl':>9} {'Δ f16':>7} {'ppl imat':>9} {'Δ f16':>7} "
+          f"{'fallback':>8} {'quant s':>8} {'q+imat s':>8} {'ppl s':>6}")
     for without, with_imatrix in zip(plain, matrixed):
         ppl, ppl_i = without.quality["perplexity"], with_imatrix.quality["perplexity"]
-        print(f"{without.params['type']:8} {format_size(without.total_size):>10} {without.params['bpw']:>6.2f} "
+        print(f"{without.params['type']:8} {without.total_size / 1e6:>8.1f} {without.params['bpw']:>6.2f} "
               f"{ppl:>9.4f} {100 * (ppl / baseline - 1):>+6.1f}% {ppl_i:>9.4f} {100 * (ppl_i / baseline - 1):>+6.1f}% "
-              f"{without.timings['quantize']:>8.1f} {with_imatrix.timings['quantize']:>8.1f} "
-              f"{without.timings['perplexity']:>6.1f}")
-    fallbacks = {note for m in plain for note in m.notes if "fell back" in note}
-    if fallbacks:
-        print("\nk-quant fallbacks reported by llama-quantize (rows not a multiple of 256):")
-        for note in sorted(fallbacks):
-            print(f"  {note}")
+              f"{fallback_count(without):>8} {without.timings['quantize']:>8.1f} "
+              f"{with_imatrix.timings['quantize']:>8.1f} {without.timings['perplexity']:>6.1f}")
+    print("\nfallback: tensors llama-quantize stored in another type because their rows are not a multiple "
+          "of the type's block (256 for k-quants); details in each manifest's notes.")
 
 
 def print_costs(label: str, manifests: list, wall: float) -> None:
