@@ -110,7 +110,8 @@ def _quality(manifests: list[Manifest]) -> dict[str, Any] | None:
     quality = measured[0].quality
     return {"engine": quality.get("engine", ""), "baseline": quality.get("baseline_perplexity"),
             "evaluation": quality.get("eval_text") or (measured[0].calibration or {}).get("evaluation", ""),
-            "dataset": dataset_label(measured[0].calibration) if measured[0].calibration else ""}
+            "dataset": quality.get("dataset")
+            or (dataset_label(measured[0].calibration) if measured[0].calibration else "held-out")}
 
 
 def card_context(plan: Plan, fmt: str, manifests: dict[str, Manifest], original: OriginalCard | None,
