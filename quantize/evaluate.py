@@ -1,0 +1,143 @@
+"""Perplexity with transformers on the held-out evaluation text.
+
+One engine for the fp16 baseline and every GPTQ/AWQ variant, so their figures compare: the
+held-out text is cut into consecutive windows of EVAL_WINDOW tokens (at most MAX_EVAL_WINDOWS),
+and the model predicts every token of each window after the first, on the CPU: in bfloat16 where
+the CPU computes it natively, else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix
+products are about 90 times slower than float32). Quantized layers are first turned into
+plain Linear layers holding exactly the weights their kernel computes with: the same loss, far
+faster than the packed kernels on a CPU. The fp16 baseline is computed once per release and kept
+in the release's work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+ENGINE = "transformers"
+EVAL_WINDOW = 512  # tokens per window
+MAX_EVAL_WINDOWS = 40  # at most 20,480 tokens: a few seconds per variant for a small model
+
+
+def _native_bfloat16() -> bool:
+    try:
+        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+EVAL_DTYPE = torch.bfloat16 if _native_bfloat16() else torch.float32
+BASELINE_CACHE = "baseline-perplexity.json"
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    eval_tokens: int  # tokens predicted (each window's first token has no context and is not scored)
+    windows: int
+    window: int
+
+    def as_quality(self, baseline: "Perplexity | None" = None, text: str | None = None) -> dict[str, Any]:
+        quality: dict[str, Any] = {"perplexity": round(self.perplexity, 4)}
+        if baseline is not None:
+            quality["baseline_perplexity"] = round(baseline.perplexity, 4)
+        quality.update({"engine": ENGINE, "eval_tokens": self.eval_tokens, "eval_windows": self.windows,
+                        "eval_window": self.window, "eval_dtype": str(EVAL_DTYPE).removeprefix("torch.")})
+        if text:
+            quality["eval_text"] = text
+        return quality
+
+
+def evaluation_windows(token_ids: Sequence[int], window: int = EVAL_WINDOW,
+                       max_windows: int = MAX_EVAL_WINDOWS) -> list[list[int]]:
+    """Consecutive, non-overlapping windows from the start of the text; a short text gives one shorter window."""
+    if len(token_ids) < 2:
+        return []
+    if len(token_ids) < window:
+        return [list(token_ids)]
+    count = min(len(token_ids) // window, max_windows)
+    return [list(token_ids[i * window:(i + 1) * window]) for i in range(count)]
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, windows: list[list[int]]) -> Perplexity:
+    """exp(mean negative log-likelihood) of every token after the first of each window."""
+    total_nll, total_tokens = 0.0, 0
+    for ids in windows:
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        logits = model(input_ids=input_ids).logits[0, :-1].float()
+        total_nll += torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum").item()
+        total_tokens += len(ids) - 1
+    value = math.exp(total_nll / total_tokens) if total_tokens else math.nan
+    return Perplexity(value, total_tokens, len(windows), max((len(w) for w in windows), default=0))
+
+
+def is_quantized_linear(module: torch.nn.Module) -> bool:
+    return hasattr(module, "qweight") and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+@torch.inference_mode()
+def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE) -> torch.nn.Linear:
+    """A Linear with the weights the quantized kernel computes with: its outputs for the identity matrix."""
+    identity = torch.eye(module.in_features, dtype=dtype)
+    zeros = torch.zeros(1, module.in_features, dtype=dtype)
+    bias = module(zeros)[0]
+    weight = (module(identity) - bias).t().contiguous()
+    has_bias = getattr(module, "bias", None) is not None
+    dense = torch.nn.Linear(module.in_features, module.out_features, bias=has_bias, dtype=dtype)
+    dense.weight.copy_(weight)
+    if has_bias:
+        dense.bias.copy_(bias)
+    return dense
+
+
+def densify_quantized_linears(model: torch.nn.Module) -> int:
+    """Replace every quantized linear layer by its dense equivalent; returns how many were replaced."""
+    targets = [(name, module) for name, module in model.named_modules() if is_quantized_linear(module)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dense_linear(module))
+    return len(targets)
+
+
+def load_fp16_model(model_path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=EVAL_DTYPE, device_map="cpu").eval()
+
+
+def _weights_fingerprint(model_path: Path) -> list[tuple[str, int, int]]:
+    files = sorted(p for p in Path(model_path).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def baseline_key(model_path: Path, windows: list[list[int]]) -> str:
+    """What the cached baseline depends on: the model's files, the evaluation tokens and settings."""
+    payload = {"model": str(model_path), "files": _weights_fingerprint(model_path), "windows": windows,
+               "dtype": str(EVAL_DTYPE), "engine": ENGINE}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def baseline_perplexity(model_path: Path, windows: list[list[int]], cache_dir: Path) -> Perplexity:
+    """The fp16 model's perplexity, computed once and kept in `cache_dir` for later runs."""
+    cache = Path(cache_dir) / BASELINE_CACHE
+    key = baseline_key(model_path, windows)
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return Perplexity(**cached["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    model = load_fp16_model(model_path)
+    result = perplexity(model, windows)
+    del model
+    cache.write_text(json.dumps({"key": key, "result": asdict(result)}, indent=2) + "\n")
+    return result

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Benchmark GPTQ (and optionally AWQ) releases: one shared process vs the naive way.
+
+"release": every variant in one `run_plan`, sharing the loaded fp16 model, the tokenized
+calibration text and the fp16 baseline. "naive": the same variants, each in a fresh process with
+its own empty output folder, so the model, tokenizer, calibration text and baseline are loaded and
+computed again per variant (what a one-script-per-permutation workflow pays).
+
+Per variant: wall time, peak RSS, size on disk, perplexity against fp16. Run it under the heavy
+lock on a shared machine:
+
+    flock /tmp/quantize-heavy.lock .venv/bin/python scripts/bench_gptq.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+# SmolLM2-135M has hidden size 576: group sizes 64 and 32 divide it, 128 does not.
+DEFAULT_GPTQ = ["4:64:act", "4:32:noact", "8:none:act"]
+
+
+def parse_gptq(spec: str) -> dict:
+    """"bits:group:act|noact" -> a recipe gptq entry."""
+    bits, group, order = spec.split(":")
+    return {"bits": int(bits), "group_size": group, "act_order": order == "act"}
+
+
+def write_recipe(folder: Path, args) -> Path:
+    recipe = {
+        "source": {"path": str(Path(args.model).resolve()), "name": "SmolLM2 135M Instruct"},
+        "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
+        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0},
+        "gptq": [parse_gptq(spec) for spec in args.gptq],
+    }
+    if args.awq:
+        recipe["awq"] = [{"bits": 4, "group_size": group} for group in args.awq]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def load_plan(recipe_path: Path, only: str | None = None):
+    from quantize.plan import build_plan
+    from quantize.recipe import load_recipe
+    from quantize.source import inspect_source
+
+    recipe = load_recipe(recipe_path)
+    plan = build_plan(recipe, inspect_source(recipe))
+    return plan.select(names=[only]) if only else plan
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def variant_row(manifest, seconds: float, rss_mb: float) -> dict:
+    quality = manifest.quality
+    return {"variant": manifest.variant_id, "seconds": round(seconds, 1), "peak_rss_mb": round(rss_mb),
+            "size_mb": round(manifest.total_size / 1e6, 2),
+            "weights_mb": round(sum(f.size for f in manifest.weight_files()) / 1e6, 2),
+            "perplexity": quality.get("perplexity"), "baseline_perplexity": quality.get("baseline_perplexity"),
+            "timings": manifest.timings}
+
+
+def run_release(recipe_path: Path, out: Path, only: str | None = None) -> list[dict]:
+    """All variants (or one) in this process; rows carry each variant's time and the peak RSS so far."""
+    from quantize.runner import run_plan
+
+    rows, last = [], time.monotonic()
+
+    def record(outcome):
+        nonlocal last
+        now = time.monotonic()
+        if outcome.status != "done":
+            raise SystemExit(f"{outcome.variant.id}: {outcome.status} {outcome.error or ''}")
+        rows.append(variant_row(outcome.manifest, now - last, peak_rss_mb()))
+        last = now
+
+    run_plan(load_plan(recipe_path, only), out, log=lambda msg: print(msg, flush=True), on_outcome=record)
+    return rows
+
+
+def run_naive(recipe_path: Path, out: Path, variant_ids: list[str]) -> list[dict]:
+    """Each variant in a fresh process and a fresh output folder; its own wall time and peak RSS."""
+    rows = []
+    for index, variant_id in enumerate(variant_ids):
+        result = out / f"naive-{index}.json"
+        command = [sys.executable, __file__, "--single", variant_id, "--recipe", str(recipe_path),
+                   "--out", str(out / f"naive-{index}"), "--result", str(result)]
+        started = time.monotonic()
+        process = subprocess.Popen(command, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.monotonic() - started
+        if status != 0:
+            raise SystemExit(f"naive run of {variant_id} failed (status {status})")
+        row = json.loads(result.read_text())[0]
+        rows.append({**row, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)})
+    return rows
+
+
+def markdown(release: list[dict], naive: list[dict], release_seconds: float) -> str:
+    lines = ["| Variant | Size MB | PPL | fp16 PPL | Δ PPL % | Release s | Naive s | Release peak RSS MB | Naive peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for ours, theirs in zip(release, naive):
+        delta = 100 * (ours["perplexity"] / ours["baseline_perplexity"] - 1)
+        lines.append(f"| {ours['variant']} | {ours['size_mb']} | {ours['perplexity']:.3f} | "
+                     f"{ours['baseline_perplexity']:.3f} | {delta:+.1f} | {ours['seconds']} | {theirs['seconds']} | "
+                     f"{ours['peak_rss_mb']} | {theirs['peak_rss_mb']} |")
+    naive_total = sum(r["seconds"] for r in naive)
+    lines.append(f"\nRelease, one process: {release_seconds:.1f} s in all; naive, one process per variant: "
+                 f"{naive_total:.1f} s in all ({naive_total / release_seconds:.2f}x).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="fp16 model folder")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--gptq", nargs="+", default=DEFAULT_GPTQ, help="bits:group:act|noact, e.g. 4:64:act")
+    parser.add_argument("--awq", nargs="*", type=int, default=[], help="AWQ group sizes to add (slow on CPU)")
+    parser.add_argument("--out", default=str(REPO / "build" / "bench-gptq"))
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one variant, for the naive runs
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    shared_wikitext = REPO.parent / "shared" / "data" / "wikitext-2"
+    if shared_wikitext.is_dir():
+        os.environ.setdefault("QUANTIZE_WIKITEXT_DIR", str(shared_wikitext))
+    out = Path(args.out).resolve()
+
+    if args.single:
+        rows = run_release(Path(args.recipe), out, args.single)
+        Path(args.result).write_text(json.dumps(rows))
+        return 0
+
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    recipe_path = write_recipe(out, args)
+    started = time.monotonic()
+    release = run_release(recipe_path, out / "release")
+    release_seconds = time.monotonic() - started
+    naive = [] if args.skip_naive else run_naive(recipe_path, out, [r["variant"] for r in release])
+    report = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "cpu_count": os.cpu_count(),
+              "release_seconds": round(release_seconds, 1), "release": release, "naive": naive}
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    if naive:
+        print(markdown(release, naive, release_seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""GPTQ and AWQ backends: config cleaning, evaluation helpers, bad input, and (slow) a real release."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from quantize.backends.gptq import GPTQ
+from quantize.backends.gptqmodel_common import (assemble_release, check_release_folder,
+                                                clean_quantization_config, is_source_file)
+from quantize.errors import BadInput, WorkFailed
+from quantize.evaluate import dense_linear, evaluation_windows, perplexity
+from quantize.manifest import read_manifest
+from quantize.plan import build_plan
+from quantize.recipe import load_recipe
+from quantize.runner import run_plan
+from quantize.source import inspect_source
+
+from .conftest import tiny_recipe
+
+GPTQ_4BIT = {"bits": 4, "group_size": 128, "act_order": True, "damp": 0.1}
+GPTQ_8BIT = {"bits": 8, "group_size": "none", "act_order": False, "damp": 0.05}
+AWQ_4BIT = {"bits": 4, "group_size": 128}
+SAVED_BY_GPTQMODEL = {
+    "bits": 4, "group_size": 128, "desc_act": True, "lm_head": False, "method": "gptq", "quant_method": "gptq",
+    "format": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32", "sym": True,
+    "meta": {"quantizer": ["gptqmodel:7.6.0"], "damp_percent": 0.1, "true_sequential": True,
+             "offload_to_disk_path": "/tmp/gptqmodel_x1y2", "gc_mode": "interval"},
+}
+GPTQ_PARAMS = {"bits": 4, "group_size": 128, "act_order": True, "damp": 0.1, "sym": True}
+
+
+def plan_of(write_recipe, data: dict):
+    recipe = load_recipe(write_recipe(data))
+    return build_plan(recipe, inspect_source(recipe))
+
+
+# --- fast: pure helpers ------------------------------------------------------------------------
+
+def test_clean_config_keeps_required_and_legacy_keys_and_drops_run_noise():
+    cleaned = clean_quantization_config(SAVED_BY_GPTQMODEL, GPTQ, GPTQ_PARAMS)
+    assert cleaned["damp_percent"] == 0.1 and cleaned["true_sequential"] is True
+    assert cleaned["model_name_or_path"] is None and cleaned["model_file_base_name"] == "model"
+    assert cleaned["checkpoint_format"] == "gptq" and cleaned["quant_method"] == "gptq"
+    assert "offload_to_disk_path" not in cleaned["meta"] and "gc_mode" not in cleaned["meta"]
+    assert cleaned["meta"]["quantizer"] == ["gptqmodel:7.6.0"]
+    assert "/tmp" not in json.dumps(cleaned)
+
+
+def test_clean_config_writes_minus_one_for_no_group_size():
+    cleaned = clean_quantization_config({**SAVED_BY_GPTQMODEL, "group_size": -1}, GPTQ,
+                                        {**GPTQ_PARAMS, "group_size": None})
+    assert cleaned["group_size"] == -1
+
+
+def test_check_release_folder_names_a_wrong_field(tmp_path):
+    config = clean_quantization_config(SAVED_BY_GPTQMODEL, GPTQ, GPTQ_PARAMS)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "quantize_config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {**config, "desc_act": False}}))
+    with pytest.raises(WorkFailed, match="desc_act"):
+        check_release_folder(tmp_path, GPTQ, GPTQ_PARAMS)
+
+
+def test_assemble_release_takes_tokenizer_from_source_and_drops_logs(tmp_path):
+    source, saved, staging = tmp_path / "source", tmp_path / "staging" / ".save", tmp_path / "staging"
+    source.mkdir(), saved.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors", "README.md"):
+        (source / name).write_text(f"source {name}")
+    for name in ("tokenizer_config.json", "config.json", "quantize_config.json", "model.safetensors", "quant_log.csv"):
+        (saved / name).write_text(f"saved {name}")
+    assemble_release(saved, staging, source)
+    assert sorted(p.name for p in staging.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "quantize_config.json",
+        "tokenizer.json", "tokenizer_config.json"]
+    assert (staging / "tokenizer_config.json").read_text() == "source tokenizer_config.json"
+    assert (staging / "model.safetensors").read_text() == "saved model.safetensors"
+    assert is_source_file("special_tokens_map.json") and not is_source_file("config.json")
+
+
+def test_evaluation_windows_are_consecutive_and_capped():
+    ids = list(range(1000))
+    assert evaluation_windows(ids, window=300, max_windows=2) == [ids[:300], ids[300:600]]
+    assert evaluation_windows(ids[:50], window=300) == [ids[:50]]
+    assert evaluation_windows([7]) == []
+
+
+def test_dense_linear_reproduces_the_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32, bias=True, dtype=torch.float32)
+    layer.qweight = torch.zeros(1)  # marks it as a quantized kernel for dense_linear's purposes
+    dense = dense_linear(layer, dtype=torch.float32)
+    x = torch.randn(5, 64)
+    assert torch.allclose(dense(x), layer(x), atol=1e-5)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 10)})()
+
+    result = perplexity(Uniform(), [[1, 2, 3, 4], [5, 6]])
+    assert math.isclose(result.perplexity, 10.0, rel_tol=1e-6)
+    assert result.eval_tokens == 4 and result.windows == 2
+
+
+# --- fast: bad input is refused before any work ------------------------------------------------
+
+@pytest.mark.parametrize("variant, message", [
+    ({"bits": 5}, "bits"),
+    ({"damp": 0}, "damp"),
+    ({"damp": 1.0}, "damp"),
+])
+def test_recipe_refuses_bad_gptq_settings(tiny_model, write_recipe, variant, message):
+    with pytest.raises(BadInput, match=message):
+        load_recipe(write_recipe(tiny_recipe(tiny_model, gptq=[variant])))
+
+
+def test_plan_refuses_a_group_size_that_does_not_divide_the_width(tiny_model, write_recipe):
+    with pytest.raises(BadInput, match="does not divide"):
+        plan_of(write_recipe, tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 1024}]))
+    with pytest.raises(BadInput, match="does not divide"):
+        plan_of(write_recipe, tiny_recipe(tiny_model, awq=[{"bits": 4, "group_size": 1024}]))
+
+
+def test_seq_len_longer_than_the_calibration_text_is_refused_before_work(tiny_model, write_recipe, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("A short calibration text of a few dozen tokens only.\n" * 4)
+    data = tiny_recipe(tiny_model, gptq=[GPTQ_4BIT])
+    data["calibration"] = {"dataset": "file", "path": str(text), "samples": 4, "seq_len": 512}
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="seq_len 512"):
+        run_plan(plan_of(write_recipe, data), out, log=lambda _: None)
+    assert not (out / "manifests").exists() and not (out / "gptq").exists()
+
+
+def test_unsupported_architecture_is_refused_before_work(tiny_model, write_recipe, tmp_path):
+    model = tmp_path / "odd-model"
+    model.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "made_up_lm",
+                                                   "architectures": ["MadeUpForCausalLM"]}))
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="made_up_lm"):
+        run_plan(plan_of(write_recipe, tiny_recipe(model, awq=[AWQ_4BIT])), out, log=lambda _: None)
+    assert not (out / "manifests").exists()
+
+
+# --- slow: a real release of the tiny model ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def release(tiny_model, tmp_path_factory):
+    """Two GPTQ permutations and one AWQ, produced once for the tests below."""
+    folder = tmp_path_factory.mktemp("gptq-awq-release")
+    data = tiny_recipe(tiny_model, gptq=[GPTQ_4BIT, GPTQ_8BIT], awq=[AWQ_4BIT])
+    data["calibration"]["held_out"] = 0.02  # a few evaluation windows keep the test quick
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(recipe_path)
+    plan = build_plan(recipe, inspect_source(recipe))
+    out = folder / "out"
+    outcomes = run_plan(plan, out, log=lambda _: None)
+    return plan, out, outcomes
+
+
+def _quantization_configs(folder: Path) -> tuple[dict, dict]:
+    quantize_config = json.loads((folder / "quantize_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    return quantize_config, config
+
+
+@pytest.mark.slow
+def test_release_makes_every_variant(release):
+    plan, out, outcomes = release
+    assert [(o.variant.id, o.status, o.error) for o in outcomes] == [
+        ("gptq/main", "done", None), ("gptq/gptq-8bit--1g-actorder_False", "done", None), ("awq/main", "done", None)]
+    for variant in plan.variants:
+        names = sorted(p.name for p in (out / variant.output_subdir).iterdir())
+        assert names == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                         "quantize_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert not [p for p in out.glob(".staging/**/*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_gptq_configs_carry_the_fields_loaders_read(release):
+    _, out, _ = release
+    for branch, bits, group, desc_act, damp in (("main", 4, 128, True, 0.1),
+                                                 ("gptq-8bit--1g-actorder_False", 8, -1, False, 0.05)):
+        for fields in _quantization_configs(out / "gptq" / branch):
+            assert {k: fields[k] for k in ("quant_method", "checkpoint_format", "bits", "group_size", "desc_act",
+                                           "damp_percent", "sym", "true_sequential")} == {
+                "quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group,
+                "desc_act": desc_act, "damp_percent": damp, "sym": True, "true_sequential": True}
+            assert fields["model_name_or_path"] is None and fields["model_file_base_name"] == "model"
+    config_text = (out / "gptq" / "main" / "config.json").read_text()
+    assert "/tmp" not in config_text and "offload_to_disk_path" not in config_text
+    assert json.loads(config_text)["dtype"] == "float16"
+
+
+@pytest.mark.slow
+def test_awq_configs_carry_the_fields_loaders_read(release):
+    _, out, _ = release
+    for fields in _quantization_configs(out / "awq" / "main"):
+        assert {k: fields[k] for k in ("quant_method", "version", "zero_point", "bits", "group_size")} == {
+            "quant_method": "awq", "version": "gemm", "zero_point": True, "bits": 4, "group_size": 128}
+
+
+@pytest.mark.slow
+def test_unquantized_tensors_are_the_source_fp16_values(release, tiny_model):
+    from safetensors.torch import load_file
+
+    _, out, _ = release
+    source = load_file(str(tiny_model / "model.safetensors"))
+    for folder in (out / "gptq" / "main", out / "awq" / "main"):
+        tensors = load_file(str(folder / "model.safetensors"))
+        assert torch.equal(tensors["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+        assert all(t.dtype in (torch.float16, torch.int32) for t in tensors.values())
+
+
+@pytest.mark.slow
+def test_variants_reload_with_transformers_with_finite_loss(release):
+    from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
+
+    from quantize.backends.gptqmodel_common import eager_torch
+
+    plan, out, _ = release
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2]])
+    for variant in plan.variants:
+        loading = (AwqConfig(bits=4, backend="torch_awq") if variant.format == "awq"
+                   else GPTQConfig(bits=variant.params["bits"], backend="torch"))
+        with eager_torch():
+            model = AutoModelForCausalLM.from_pretrained(out / variant.output_subdir, device_map="cpu",
+                                                         quantization_config=loading)
+            with torch.inference_mode():
+                loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss), variant.id
+
+
+@pytest.mark.slow
+def test_manifests_record_calibration_quality_timings_and_tools(release):
+    plan, out, _ = release
+    for variant in plan.variants:
+        manifest = read_manifest(out, variant.id)
+        assert manifest.params_digest == variant.digest
+        assert {f.path for f in manifest.files} == {
+            f"{variant.output_subdir}/{p.name}" for p in (out / variant.output_subdir).iterdir()}
+        assert {k: manifest.calibration[k] for k in ("dataset", "config", "split", "samples", "seq_len", "seed")} == {
+            "dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "test", "samples": 8, "seq_len": 128,
+            "seed": 0}
+        assert "held out" in manifest.calibration["evaluation"]
+        quality = manifest.quality
+        assert quality["engine"] == "transformers" and quality["eval_tokens"] > 0
+        assert math.isfinite(quality["perplexity"]) and math.isfinite(quality["baseline_perplexity"])
+        assert {"load", "quantize", "save", "verify", "evaluate", "total"} <= set(manifest.timings)
+        assert "gptqmodel" in manifest.tools and "optimum" in manifest.tools
+
+
+@pytest.mark.slow
+def test_baseline_is_computed_once_and_cached(release):
+    plan, out, _ = release
+    cached = json.loads((out / ".work" / "baseline-perplexity.json").read_text())
+    baselines = {read_manifest(out, v.id).quality["baseline_perplexity"] for v in plan.variants}
+    assert baselines == {round(cached["result"]["perplexity"], 4)}
+
+
+@pytest.mark.slow
+def test_rerun_skips_everything_and_touches_no_file(release):
+    plan, out, _ = release
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    outcomes = run_plan(plan, out, log=lambda _: None)
+    assert [o.status for o in outcomes] == ["skipped"] * 3
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
