@@ -478,7 +478,7 @@ class GPTQModelBackend(Backend):
         if not result.perplexity < float("inf"):
             raise WorkFailed(f"the quantized model's perplexity is not finite ({result.perplexity})")
         return {**result.as_quality(baseline, self.context.texts.facts.get("evaluation")),
-                "generated_tokens": generated}
+                "dataset": self.context.texts.label, "generated_tokens": generated}
 
     def _calibration_facts(self, variant: Variant) -> dict[str, Any]:
         facts = self.context.texts.facts
