@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,6 +63,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Keep stdout for our JSON: libraries (GPTQModel's banner and logs) print to it while we work."""
+    saved_stdout = sys.stdout
+    saved_fd = None
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+        saved_fd = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured in tests)
+        saved_fd = None
+    sys.stdout = sys.stderr
+    try:
+        yield saved_stdout
+    finally:
+        sys.stdout = saved_stdout
+        if saved_fd is not None:
+            sys.stdout.flush()
+            os.dup2(saved_fd, sys.stdout.fileno())
+            os.close(saved_fd)
+
+
 def _params_text(variant) -> str:
     p = variant.params
     if variant.format == "gguf":
@@ -105,12 +129,13 @@ def cmd_release(args) -> int:
         print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
         return 0
     progress = ReleaseProgress(err)
-    try:
-        result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
-                             publish=not args.no_publish, log=progress.log, on_outcome=progress.outcome,
-                             on_start=progress.start)
-    finally:
-        progress.stop()
+    with stdout_to_stderr():
+        try:
+            result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
+                                 publish=not args.no_publish, log=progress.log, on_outcome=progress.outcome,
+                                 on_start=progress.start)
+        finally:
+            progress.stop()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
