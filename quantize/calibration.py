@@ -139,10 +139,16 @@ def load_texts(recipe: Recipe, calibration: Calibration | None = None) -> Calibr
         raise BadInput(f"calibration: {origin} holds no text")
     cut = _cut_at_whitespace(joined, int(len(joined) * (1 - calib.held_out)))
     facts = {**calib.summary(), "source": origin, "characters": len(joined),
-             "evaluation": f"last {calib.held_out:.0%} of the text (held out from calibration)"}
+             "evaluation": f"the last {calib.held_out:.0%} of {_text_name(calib, origin)}, never used for calibration"}
     if calib.dataset == "file":
         facts["path"] = str(recipe.resolve(calib.path))
     return CalibrationText(joined[:cut], joined[cut:], facts)
+
+
+def _text_name(calib: Calibration, origin: str) -> str:
+    if calib.dataset == "file":
+        return Path(origin).name
+    return f"{calib.dataset} {calib.resolved_config} {calib.split}"
 
 
 def _cut_at_whitespace(text: str, position: int) -> int:

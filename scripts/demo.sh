@@ -11,5 +11,6 @@ bash scripts/setup_llamacpp.sh
 export QUANTIZE_WIKITEXT_DIR=${QUANTIZE_WIKITEXT_DIR:-$(cd .. && pwd)/shared/data/wikitext-2}
 .venv/bin/python scripts/build_smollm2.py
 .venv/bin/quantize plan recipes/demo.yaml
-.venv/bin/quantize release recipes/demo.yaml --out out/demo --no-publish
+.venv/bin/quantize release recipes/demo.yaml --out out/demo
 echo "Cards: $(ls out/demo/cards/*/README.md | tr '\n' ' ')"
+echo "Repositories (one branch per variant): $(ls -d out/demo/repos/*.git | tr '\n' ' ')"

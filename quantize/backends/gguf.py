@@ -449,7 +449,7 @@ class GGUFBackend(Backend):
     def _quality(self, perplexity: float, shared: SharedFiles) -> dict[str, Any]:
         facts = self.context.texts.facts
         return {"perplexity": perplexity, "baseline_perplexity": shared.baseline_perplexity, "engine": ENGINE,
-                "eval_text": f"{facts['evaluation']} of {facts['source']}", "dataset": facts["dataset"],
+                "eval_text": facts["evaluation"], "dataset": facts["dataset"],
                 "context": CONTEXT_TOKENS}
 
     def _calibration(self, variant: Variant, facts: GGUFFacts) -> dict[str, Any] | None:
