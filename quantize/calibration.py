@@ -139,7 +139,7 @@ def load_texts(recipe: Recipe, calibration: Calibration | None = None) -> Calibr
         raise BadInput(f"calibration: {origin} holds no text")
     cut = _cut_at_whitespace(joined, int(len(joined) * (1 - calib.held_out)))
     facts = {**calib.summary(), "source": origin, "characters": len(joined),
-             "evaluation": f"the last {calib.held_out:.0%} of {_text_name(calib, origin)}, never used for calibration"}
+             "evaluation": f"the last {calib.held_out:.0%} of {_text_name(calib, origin)}, held out from calibration"}
     if calib.dataset == "file":
         facts["path"] = str(recipe.resolve(calib.path))
     return CalibrationText(joined[:cut], joined[cut:], facts)
@@ -148,7 +148,9 @@ def load_texts(recipe: Recipe, calibration: Calibration | None = None) -> Calibr
 def _text_name(calib: Calibration, origin: str) -> str:
     if calib.dataset == "file":
         return Path(origin).name
-    return f"{calib.dataset} {calib.resolved_config} {calib.split}"
+    if calib.dataset == "wikitext":
+        return f"{calib.resolved_config} {calib.split}"
+    return f"{calib.dataset} {calib.split}"
 
 
 def _cut_at_whitespace(text: str, position: int) -> int:
