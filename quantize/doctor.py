@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .calibration import WIKITEXT_ENV, _local_wikitext
+from .manifest import installed_version
 
 LIBRARIES = {"quantize": "all", "torch": "gptq, awq", "transformers": "all", "gptqmodel": "gptq, awq",
              "optimum": "gptq, awq (loading)", "huggingface_hub": "publish, cards", "gguf": "gguf (reading)"}
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def report() -> dict[str, Any]:
@@ -25,14 +18,14 @@ def report() -> dict[str, Any]:
 
     from .backends.llamacpp import tool_report
 
-    libraries = [{"name": name, "version": _version(name), "needed_for": use} for name, use in LIBRARIES.items()]
+    libraries = [{"name": name, "version": installed_version(name), "needed_for": use} for name, use in LIBRARIES.items()]
     wikitext = _local_wikitext("wikitext-2-raw-v1", "test")
     return {
         "python": platform.python_version(),
         "libraries": libraries,
         "llama_cpp": tool_report(),
         "wikitext": {"local_copy": str(wikitext) if wikitext else None, "env": WIKITEXT_ENV,
-                     "datasets_installed": _version("datasets") is not None},
+                     "datasets_installed": installed_version("datasets") is not None},
         "hub": {"endpoint": constants.ENDPOINT, "token": "found" if get_token() else "missing",
                 "offline": bool(constants.HF_HUB_OFFLINE)},
         "cpu_cores": os.cpu_count(),

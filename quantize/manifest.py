@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ class Manifest(BaseModel):
 
     def weight_files(self) -> list[FileEntry]:
         return [f for f in self.files if f.path.endswith((".safetensors", ".gguf", ".bin"))]
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def package_versions(packages) -> dict[str, str]:
+    """The installed versions of `packages`, for a manifest's `tools` (missing ones left out)."""
+    found = {name: installed_version(name) for name in packages}
+    return {name: found_version for name, found_version in found.items() if found_version}
 
 
 def output_subdir(fmt: str, branch: str) -> str:

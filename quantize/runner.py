@@ -12,13 +12,12 @@ import shutil
 import time
 import traceback
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
 from .backends.base import Backend, ReleaseContext, backend_class
 from .errors import QuantizeError
-from .manifest import Manifest, file_entries, mismatches, read_manifest, write_manifest
+from .manifest import Manifest, file_entries, mismatches, package_versions, read_manifest, write_manifest
 from .plan import Plan, Variant
 
 STAGING_DIR = ".staging"
@@ -35,13 +34,7 @@ class Outcome:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
+    return {"python": platform.python_version(), **package_versions(LIBRARIES)}
 
 
 def is_finished(out_dir: Path, variant: Variant) -> Manifest | None:

@@ -38,6 +38,7 @@ class ReleaseContext:
     plan: Plan
     out_dir: Path
     log: Callable[[str], None] = print
+    shared: dict[str, Any] = field(default_factory=dict)  # state backends of one release share, by name
 
     @property
     def recipe(self):

@@ -20,12 +20,12 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..calibration import token_windows
 from ..errors import BadInput, WorkFailed
+from ..manifest import package_versions
 from ..plan import Variant
 from .base import Backend, Produced, ReleaseContext
 
@@ -62,16 +62,6 @@ def supported_model_types() -> frozenset[str]:
     from gptqmodel.models.auto import SUPPORTED_MODELS
 
     return frozenset(SUPPORTED_MODELS)
-
-
-def package_versions(names: tuple[str, ...] = TOOL_PACKAGES) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
 
 
 @contextmanager
@@ -220,15 +210,14 @@ class SharedRelease:
         gc.collect()
 
 
-_SHARED: dict[int, SharedRelease] = {}
+SHARED_KEY = "gptqmodel"
 
 
 def shared_release(context: ReleaseContext) -> SharedRelease:
     """The one SharedRelease of this release context (GPTQ and AWQ backends get the same)."""
-    shared = _SHARED.get(id(context))
-    if shared is None or shared.context is not context:
-        shared = _SHARED[id(context)] = SharedRelease(context)
-    return shared
+    if SHARED_KEY not in context.shared:
+        context.shared[SHARED_KEY] = SharedRelease(context)
+    return context.shared[SHARED_KEY]
 
 
 # --- Saving a clean release folder -------------------------------------------------------------
@@ -497,10 +486,10 @@ class GPTQModelBackend(Backend):
                 f"{len(damps)} modules (their Hessian was not positive definite at {requested})"]
 
     def tool_versions(self) -> dict[str, str]:
-        return package_versions()
+        return package_versions(TOOL_PACKAGES)
 
     def close(self) -> None:
         self.shared.backends.discard(id(self))
         if not self.shared.backends:
             self.shared.release_memory()
-            _SHARED.pop(id(self.context), None)
+            self.context.shared.pop(SHARED_KEY, None)
