@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantize.fixtures import build_smollm2_fp16
+from model_builders import build_smollm2_fp16
 
 folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct")
 started = time.monotonic()

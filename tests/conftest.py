@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 import yaml
 
@@ -13,6 +15,7 @@ from quantize.backends.base import Backend, Produced
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+sys.path.insert(0, str(REPO / "scripts"))  # model_builders: the demo's and the tests' models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -23,7 +26,7 @@ if SHARED_WIKITEXT.is_dir():
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from quantize.fixtures import save_smollm2_tokenizer
+    from model_builders import save_smollm2_tokenizer
 
     folder = tmp_path_factory.mktemp("smollm2-tokenizer")
     save_smollm2_tokenizer(folder)
@@ -33,7 +36,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
     """A 2-layer Llama (hidden 256, intermediate 512) saved as an fp16 folder. Do not modify it."""
-    from quantize.fixtures import build_tiny_llama
+    from model_builders import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer_from=tokenizer_dir)
 
@@ -65,7 +68,7 @@ def tiny_recipe(model: Path, **sections) -> dict:
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The real SmolLM2-135M-Instruct fp16 folder the demo recipe names (built once, ~40 s)."""
-    from quantize.fixtures import build_smollm2_fp16
+    from model_builders import build_smollm2_fp16
 
     return build_smollm2_fp16(REPO / "models" / "SmolLM2-135M-Instruct")
 

@@ -283,7 +283,7 @@ def test_rerun_does_no_work(release, monkeypatch, tmp_path):
 @pytest.mark.slow
 @needs_llama_cpp
 def test_split_and_fallbacks_on_odd_widths(tokenizer_dir, tmp_path):
-    from quantize.fixtures import build_tiny_llama
+    from model_builders import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "odd-llama", hidden=384, intermediate=768, heads=4, kv_heads=2,
                              tokenizer_from=tokenizer_dir)
