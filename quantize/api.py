@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .card import RenderedCard, collect_manifests, render_cards
+from .card import RenderedCard, card_assets, collect_manifests, render_cards
 from .card.original import prompt_template
 from .errors import BadInput
-from .plan import FORMATS, Plan, build_plan
+from .formats import format_names
+from .plan import Plan, build_plan
 from .publish import PublishedBranch, make_target, publish_release
 from .recipe import Recipe, load_recipe, with_model_path
 from .runner import Outcome, run_plan
@@ -34,9 +35,9 @@ def plan(recipe_path: str | Path, model: str | Path | None = None, only: list[st
 
 
 def _select(full: Plan, only: list[str] | None, variants: list[str] | None) -> Plan:
-    unknown = [fmt for fmt in only or [] if fmt not in FORMATS]
+    unknown = [fmt for fmt in only or [] if fmt not in format_names()]
     if unknown:
-        raise BadInput(f"--only: unknown format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+        raise BadInput(f"--only: unknown format {unknown[0]!r} (choose from {', '.join(format_names())})")
     return full.select(only, variants) if (only or variants) else full
 
 
@@ -92,7 +93,7 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     if target is not None and not result.failed:
         result.published = publish_release(full, out_dir, collect_manifests(full, out_dir),
                                            {card.repo_id: card.text for card in cards},
-                                           prompt_template(full.recipe), target, log)
+                                           prompt_template(full.recipe), card_assets(full.recipe), target, log)
     return result
 
 

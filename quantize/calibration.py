@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import BadInput
-from .recipe import Calibration, Recipe
+from .schema import Calibration
+from .stages import Artifact, ArtifactStore, read_json, write_json
 
 WIKITEXT_ENV = "QUANTIZE_WIKITEXT_DIR"  # a folder holding wikitext-2-raw-v1/ and/or wikitext-2-v1/
 _WIKITEXT_FILES = {
@@ -124,24 +125,21 @@ def _file_rows(path: Path) -> tuple[list[str], str]:
     return rows, str(path)
 
 
-def load_texts(recipe: Recipe, calibration: Calibration | None = None) -> CalibrationText:
-    """The recipe's calibration text and its held-out evaluation part."""
-    calib = calibration or recipe.calibration
+def load_texts(calib: Calibration) -> CalibrationText:
+    """The calibration text and its held-out evaluation part (`calib.path` already resolved)."""
     config = calib.resolved_config
     if calib.dataset == "wikitext":
         rows, origin = _wikitext_rows(config, calib.split)
     elif calib.dataset == "c4":
         rows, origin = _c4_rows(calib.split)
     else:
-        rows, origin = _file_rows(recipe.resolve(calib.path))
+        rows, origin = _file_rows(calib.path)
     joined = "\n\n".join(rows)
     if not joined.strip():
         raise BadInput(f"calibration: {origin} holds no text")
     cut = _cut_at_whitespace(joined, int(len(joined) * (1 - calib.held_out)))
     facts = {**calib.summary(), "source": origin, "characters": len(joined),
              "evaluation": f"the last {calib.held_out:.0%} of {_text_name(calib, origin)}, held out from calibration"}
-    if calib.dataset == "file":
-        facts["path"] = str(recipe.resolve(calib.path))
     return CalibrationText(joined[:cut], joined[cut:], facts)
 
 
@@ -170,3 +168,107 @@ def token_windows(token_ids: Sequence[int], samples: int, seq_len: int, seed: in
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(token_ids) - seq_len) for _ in range(samples)]
     return [list(token_ids[start:start + seq_len]) for start in starts]
+
+
+# --- shared work: the text, its tokens, the seeded windows ------------------------------------
+
+CALIBRATION_FILE = "calibration.txt"
+EVALUATION_FILE = "evaluation.txt"
+FACTS_FILE = "facts.json"
+
+
+def text_inputs(calib: Calibration) -> dict[str, Any]:
+    """What the text depends on: where it comes from and how much is held out (not samples/seq_len/seed)."""
+    inputs = {"dataset": calib.dataset, "config": calib.resolved_config, "split": calib.split,
+              "held_out": calib.held_out, "path": str(calib.path) if calib.path else None}
+    if calib.path is not None and calib.path.is_file():
+        stat = calib.path.stat()
+        inputs["file"] = [stat.st_size, stat.st_mtime_ns]
+    return inputs
+
+
+@dataclass(frozen=True, repr=False)
+class CalibrationTextArtifact(Artifact):
+    """The release's calibration text and held-out evaluation text, as two files."""
+
+    calib: Calibration
+
+    @property
+    def name(self) -> str:
+        return "calibration_text"
+
+    def inputs(self) -> dict[str, Any]:
+        return text_inputs(self.calib)
+
+    def compute(self, store: ArtifactStore, folder: Path) -> Any:
+        texts = load_texts(self.calib)
+        (folder / CALIBRATION_FILE).write_text(texts.calibration, encoding="utf-8")
+        (folder / EVALUATION_FILE).write_text(texts.evaluation, encoding="utf-8")
+        return texts.facts
+
+    def load(self, store: ArtifactStore, folder: Path, value: Any) -> CalibrationText:
+        return CalibrationText((folder / CALIBRATION_FILE).read_text(encoding="utf-8"),
+                               (folder / EVALUATION_FILE).read_text(encoding="utf-8"), value)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    calibration: list[int]
+    evaluation: list[int]
+
+
+@dataclass(frozen=True, repr=False)
+class TokensArtifact(Artifact):
+    """Both texts tokenized once with the source model's tokenizer."""
+
+    text: CalibrationTextArtifact
+    source_identity: str
+
+    @property
+    def name(self) -> str:
+        return "tokens"
+
+    def inputs(self) -> dict[str, Any]:
+        return {"tokenizer": self.source_identity}
+
+    def needs(self) -> tuple[Artifact, ...]:
+        return (self.text,)
+
+    def compute(self, store: ArtifactStore, folder: Path) -> Any:
+        texts = store.value(self.text)
+        tokenizer = store.context.tokenizer
+        ids = {part: list(tokenizer(getattr(texts, part), add_special_tokens=False)["input_ids"])
+               for part in ("calibration", "evaluation")}
+        write_json(folder / "tokens.json", ids)
+        return {part: len(values) for part, values in ids.items()}
+
+    def load(self, store: ArtifactStore, folder: Path, value: Any) -> Tokens:
+        return Tokens(**read_json(folder / "tokens.json"))
+
+
+@dataclass(frozen=True, repr=False)
+class WindowsArtifact(Artifact):
+    """`samples` seeded windows of `seq_len` calibration tokens, shared by every variant that uses them."""
+
+    tokens: TokensArtifact
+    samples: int
+    seq_len: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"windows_{self.seq_len}"
+
+    def inputs(self) -> dict[str, Any]:
+        return {"samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
+
+    def needs(self) -> tuple[Artifact, ...]:
+        return (self.tokens,)
+
+    def compute(self, store: ArtifactStore, folder: Path) -> Any:
+        windows = token_windows(store.value(self.tokens).calibration, self.samples, self.seq_len, self.seed)
+        write_json(folder / "windows.json", windows)
+        return {"windows": len(windows)}
+
+    def load(self, store: ArtifactStore, folder: Path, value: Any) -> list[list[int]]:
+        return read_json(folder / "windows.json")

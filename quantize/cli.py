@@ -16,6 +16,7 @@ from rich.table import Table
 
 from . import __version__, api
 from .errors import BadInput, QuantizeError
+from .formats import get_format
 from .plan import Plan
 from .progress import ReleaseProgress
 from .quant_types import format_size
@@ -86,29 +87,20 @@ def stdout_to_stderr():
             os.close(saved_fd)
 
 
-def _params_text(variant) -> str:
-    p = variant.params
-    if variant.format == "gguf":
-        return "imatrix" if p["imatrix"] else ""
-    text = f"{p['bits']}-bit, gs {p['group_size'] or 'none'}"
-    if variant.format == "gptq":
-        text += f", act-order {'on' if p['act_order'] else 'off'}, damp {p['damp']}"
-    return text + f", seq {variant.calibration['seq_len']}"
-
-
 def print_plan(plan: Plan) -> None:
     for fmt, repo_id in plan.repo_ids().items():
         variants = plan.of_format(fmt)
         table = Table(title=f"{repo_id}: {len(variants)} variant(s), {format_size(plan.estimated_total(fmt))}",
                       title_justify="left")
-        for column in ("File" if fmt == "gguf" else "Branch", "Method", "Parameters", "Est. size"):
+        plugin = get_format(fmt)
+        for column in (plugin.location_label, "Method", "Parameters", "Est. size"):
             table.add_column(column, justify="right" if column == "Est. size" else "left")
         for v in variants:
-            method = v.name if v.format == "gguf" else v.format.upper()
-            table.add_row(v.file_name or v.branch, method, _params_text(v), format_size(v.estimated_bytes))
+            table.add_row(plugin.location(v), plugin.method(v), plugin.describe(v), format_size(v.estimated_bytes))
         out.print(table)
-    if plan.working_bytes:
-        out.print(f"working files (f16 GGUF): {format_size(plan.working_bytes)}")
+    sized = [a for a in plan.artifacts.values() if a.estimated_bytes()]
+    if sized:
+        out.print(f"working files ({', '.join(a.name for a in sized)}): {format_size(plan.working_bytes)}")
     out.print(f"disk needed: {format_size(plan.estimated_disk())}")
     for warning in plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")

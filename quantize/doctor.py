@@ -16,7 +16,7 @@ LIBRARIES = {"quantize": "all", "torch": "gptq, awq", "transformers": "all", "gp
 def report() -> dict[str, Any]:
     from huggingface_hub import constants, get_token
 
-    from .backends.llamacpp import tool_report
+    from .engines.llamacpp import tool_report
 
     libraries = [{"name": name, "version": installed_version(name), "needed_for": use} for name, use in LIBRARIES.items()]
     wikitext = _local_wikitext("wikitext-2-raw-v1", "test")

@@ -6,20 +6,21 @@ and the model predicts every token of each window after the first, on the CPU: i
 the CPU computes it natively, else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix
 products are about 90 times slower than float32). Quantized layers are first turned into
 plain Linear layers holding exactly the weights their kernel computes with: the same loss, far
-faster than the packed kernels on a CPU. The fp16 baseline is computed once per release and kept
-in the release's work folder.
+faster than the packed kernels on a CPU. The fp16 baseline is an artifact of the release
+(`TransformersReference`), computed once and cached in its work folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .calibration import TokensArtifact
+from .stages import Artifact, ArtifactStore
 
 ENGINE = "transformers"
 EVAL_WINDOW = 512  # tokens per window
@@ -34,7 +35,6 @@ def _native_bfloat16() -> bool:
 
 
 EVAL_DTYPE = torch.bfloat16 if _native_bfloat16() else torch.float32
-BASELINE_CACHE = "baseline-perplexity.json"
 
 
 @dataclass(frozen=True)
@@ -114,30 +114,30 @@ def load_fp16_model(model_path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=EVAL_DTYPE, device_map="cpu").eval()
 
 
-def _weights_fingerprint(model_path: Path) -> list[tuple[str, int, int]]:
-    files = sorted(p for p in Path(model_path).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+@dataclass(frozen=True, repr=False)
+class TransformersReference(Artifact):
+    """The fp16 model's perplexity on the held-out windows: what every GPTQ/AWQ variant is compared with."""
 
+    tokens: TokensArtifact
+    source_identity: str
 
-def baseline_key(model_path: Path, windows: list[list[int]]) -> str:
-    """What the cached baseline depends on: the model's files, the evaluation tokens and settings."""
-    payload = {"model": str(model_path), "files": _weights_fingerprint(model_path), "windows": windows,
-               "dtype": str(EVAL_DTYPE), "engine": ENGINE}
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+    @property
+    def name(self) -> str:
+        return "fp16_reference"
 
+    def inputs(self) -> dict[str, Any]:
+        return {"model": self.source_identity, "engine": ENGINE, "window": EVAL_WINDOW,
+                "max_windows": MAX_EVAL_WINDOWS, "dtype": str(EVAL_DTYPE)}
 
-def baseline_perplexity(model_path: Path, windows: list[list[int]], cache_dir: Path) -> Perplexity:
-    """The fp16 model's perplexity, computed once and kept in `cache_dir` for later runs."""
-    cache = Path(cache_dir) / BASELINE_CACHE
-    key = baseline_key(model_path, windows)
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return Perplexity(**cached["result"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    model = load_fp16_model(model_path)
-    result = perplexity(model, windows)
-    del model
-    cache.write_text(json.dumps({"key": key, "result": asdict(result)}, indent=2) + "\n")
-    return result
+    def needs(self) -> tuple[Artifact, ...]:
+        return (self.tokens,)
+
+    def compute(self, store: ArtifactStore, folder: Path) -> Any:
+        windows = evaluation_windows(store.value(self.tokens).evaluation)
+        model = load_fp16_model(store.context.model_path)
+        result = perplexity(model, windows)
+        del model
+        return asdict(result)
+
+    def load(self, store: ArtifactStore, folder: Path, value: Any) -> Perplexity:
+        return Perplexity(**value)

@@ -7,7 +7,6 @@ a variant counts as finished only when its manifest exists and its files match i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -17,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_DIR = "manifests"
 HASH_CHUNK = 8 * 1024 * 1024
 
@@ -36,8 +35,12 @@ class Manifest(BaseModel):
     format: str
     repo_id: str
     branch: str
-    params: dict[str, Any]
-    params_digest: str  # changes when the recipe asks for something else: then it is redone
+    name: str  # the branch (GPTQ/AWQ) or the GGUF type
+    subdir: str  # the variant's folder below the output folder: paths in the repo are relative to it
+    description: str = ""
+    requested: dict[str, Any]  # the variant's parameters as the recipe asked for them
+    measured: dict[str, Any] = Field(default_factory=dict)  # facts of the result: bpw, compute dtype, ...
+    params_digest: str  # changes when anything that changes the variant's bytes does: then it is redone
     calibration: dict[str, Any] | None = None
     files: list[FileEntry]
     tools: dict[str, str] = Field(default_factory=dict)
@@ -52,7 +55,7 @@ class Manifest(BaseModel):
 
     def repo_path(self, entry: FileEntry) -> str:
         """A file's path inside its Hub repo/branch."""
-        return Path(entry.path).relative_to(output_subdir(self.format, self.branch)).as_posix()
+        return Path(entry.path).relative_to(self.subdir).as_posix()
 
     def weight_files(self) -> list[FileEntry]:
         return [f for f in self.files if f.path.endswith((".safetensors", ".gguf", ".bin"))]
@@ -69,11 +72,6 @@ def package_versions(packages) -> dict[str, str]:
     """The installed versions of `packages`, for a manifest's `tools` (missing ones left out)."""
     found = {name: installed_version(name) for name in packages}
     return {name: found_version for name, found_version in found.items() if found_version}
-
-
-def output_subdir(fmt: str, branch: str) -> str:
-    """Where a variant's files live below the release's output folder (GGUF files share one)."""
-    return "gguf" if fmt == "gguf" else f"{fmt}/{branch}"
 
 
 def manifest_path(out_dir: Path, variant_id: str) -> Path:
@@ -137,7 +135,3 @@ def mismatches(out_dir: Path, manifest: Manifest, check_hashes: bool = False) ->
         elif check_hashes and sha256_file(path) != entry.sha256:
             problems.append(f"{entry.path}: sha256 differs")
     return problems
-
-
-def params_digest(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]

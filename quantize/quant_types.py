@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .schema import group_size_on_disk
+
 GB = 1_000_000_000  # Hub and card sizes are decimal gigabytes ("17.69 GB")
 RAM_OVERHEAD_BYTES = int(2.5 * GB)  # "Max RAM required" = file size + 2.50 GB, no GPU offloading
 
@@ -99,11 +101,11 @@ EXLLAMA_MODEL_TYPES = frozenset({"llama", "mistral"})
 
 def gptq_branch_name(bits: int, group_size: int | None, act_order: bool) -> str:
     """TheBloke's branch convention: gptq-4bit-128g-actorder_True, gptq-8bit--1g-actorder_False."""
-    return f"gptq-{bits}bit-{group_size or -1}g-actorder_{act_order}"
+    return f"gptq-{bits}bit-{group_size_on_disk(group_size)}g-actorder_{act_order}"
 
 
 def awq_branch_name(bits: int, group_size: int | None) -> str:
-    return f"awq-{bits}bit-{group_size or -1}g"
+    return f"awq-{bits}bit-{group_size_on_disk(group_size)}g"
 
 
 def exllama_compatible(bits: int, model_type: str | None) -> bool:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .backends.base import Backend, ReleaseContext, backend_class
 from .errors import QuantizeError
+from .formats import Backend, ReleaseContext, get_format
 from .manifest import Manifest, file_entries, mismatches, package_versions, read_manifest, write_manifest
 from .plan import Plan, Variant
 
@@ -44,10 +44,15 @@ def is_finished(out_dir: Path, variant: Variant) -> Manifest | None:
     return manifest
 
 
+def backend_class(fmt: str) -> Callable[[ReleaseContext], Backend]:
+    """What makes the backend of a format (tests replace it)."""
+    return get_format(fmt).backend
+
+
 def _move_into_place(out_dir: Path, variant: Variant, staging: Path, files: list[Path]) -> list[Path]:
-    """Staged files -> their final place. GPTQ/AWQ: the whole branch folder is replaced."""
-    target = out_dir / variant.output_subdir
-    if variant.format != "gguf":
+    """Staged files -> their final place: a variant with a folder of its own replaces it whole."""
+    target = out_dir / variant.subdir
+    if get_format(variant.format).one_branch_per_variant:
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +81,9 @@ def produce_one(backend: Backend, variant: Variant, out_dir: Path, tools: dict[s
     placed = _move_into_place(out_dir, variant, staging, produced.files)
     manifest = Manifest(
         variant_id=variant.id, format=variant.format, repo_id=variant.repo_id, branch=variant.branch,
-        params={**variant.params, **produced.params}, params_digest=variant.digest,
-        calibration=produced.calibration or variant.calibration,
+        name=variant.name, subdir=variant.subdir, description=variant.description,
+        requested=variant.params, measured=produced.measured, params_digest=variant.digest,
+        calibration=produced.calibration or variant.calibration_summary,
         files=file_entries(out_dir, placed), tools=tools,
         timings={**produced.timings, "total": round(time.monotonic() - started, 2)},
         quality=produced.quality, notes=produced.notes)

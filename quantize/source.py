@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput
-from .recipe import Recipe
+from .stages import folder_fingerprint
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 # Decoder families whose MLP has gate, up and down projections (3 matrices of hidden x intermediate).
 GATED_MLP = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
@@ -46,6 +49,15 @@ class SourceModel:
     facts: ModelFacts | None  # None: config.json could not be reached (Hub offline)
     local_path: Path | None
     warnings: list[str] = field(default_factory=list)
+    hub: str | None = None  # a Hub source: its id and revision
+    revision: str = "main"
+
+    @cached_property
+    def identity(self) -> str:
+        """What the variants are made from: a local folder's files, or the Hub id at its revision."""
+        if self.local_path is not None:
+            return f"local:{folder_fingerprint(self.local_path)}"
+        return f"hub:{self.hub}@{self.revision}"
 
     @property
     def model_type(self) -> str | None:
@@ -119,7 +131,8 @@ def inspect_source(recipe: Recipe) -> SourceModel:
             raise BadInput(f"source.path: no config.json in {folder}")
     config_file = source_file(recipe, "config.json")
     if config_file is None:
-        return SourceModel(None, None, [f"could not reach {recipe.source.hub} on the Hub: planning without size estimates"])
+        return SourceModel(None, None, [f"could not reach {recipe.source.hub} on the Hub: planning without size estimates"],
+                           recipe.source.hub, recipe.source.revision)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -128,4 +141,4 @@ def inspect_source(recipe: Recipe) -> SourceModel:
         raise BadInput(f"source: {config_file} is not a JSON object")
     facts = facts_from_config(config)
     warnings = [] if facts.param_count else ["config.json lacks the usual transformer sizes: no size estimates"]
-    return SourceModel(facts, folder, warnings)
+    return SourceModel(facts, folder, warnings, recipe.source.hub, recipe.source.revision)

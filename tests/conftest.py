@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from quantize.backends.base import Backend, Produced
+from quantize.formats import Backend, Produced
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -92,7 +92,7 @@ class RecordingBackend(Backend):
         RecordingBackend.calls.append(variant.id)
         if variant.id in RecordingBackend.fail_on:
             raise RuntimeError(f"simulated crash in {variant.id}")
-        if variant.format == "gguf":
+        if variant.file_name:
             path = staging / variant.file_name
             path.write_bytes(variant.name.encode() * 1000)
             return Produced([path], quality={"perplexity": 10.0})

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantize.card import render_cards, split_card, validate_card
-from quantize.card.context import card_context
+from quantize.card import plan_card_inputs, render_cards, split_card, validate_card
 from quantize.card.original import OriginalCard, prompt_template
 from quantize.card.render import render_card
 from quantize.cli import main
@@ -50,18 +49,17 @@ def reference_plan():
 
 
 def fake_manifest(variant, size: int, quality: dict | None = None) -> Manifest:
-    prefix = variant.output_subdir
     name = variant.file_name or "model.safetensors"
     return Manifest(variant_id=variant.id, format=variant.format, repo_id=variant.repo_id, branch=variant.branch,
-                    params=variant.params, params_digest=variant.digest, calibration=variant.calibration,
-                    files=[FileEntry(path=f"{prefix}/{name}", size=size, sha256="0" * 64)], quality=quality or {})
+                    name=variant.name, subdir=variant.subdir, description=variant.description,
+                    requested=variant.params, params_digest=variant.digest, calibration=variant.calibration_summary,
+                    files=[FileEntry(path=f"{variant.subdir}/{name}", size=size, sha256="0" * 64)], quality=quality or {})
 
 
 def render_reference(original: OriginalCard | None = None) -> str:
     plan = reference_plan()
     manifests = {v.id: fake_manifest(v, round(gb * 1e9)) for v, gb in zip(plan.variants, REFERENCE_SIZES_GB)}
-    context = card_context(plan, "gptq", manifests, original, prompt_template(plan.recipe))
-    return render_card(context, plan.recipe.release.tags, plan.recipe.source.license)
+    return render_card(plan_card_inputs(plan, manifests, original, prompt_template(plan.recipe)), "gptq")
 
 
 def test_reference_release_table_matches_cell_for_cell():

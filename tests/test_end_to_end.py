@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_model_release_to_the_hub(hub, tiny_model, tmp_path, capsys):
     if importlib.util.find_spec("gptqmodel") is None:  # (importing it here would print its banner)
         pytest.skip("gptqmodel is not installed")
-    from quantize.backends.llamacpp import find_llama_cpp
+    from quantize.engines.llamacpp import find_llama_cpp
 
     try:
         find_llama_cpp()

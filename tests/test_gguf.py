@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantize.backends.base import ReleaseContext
-from quantize.backends.gguf import (GGUFBackend, check_architecture, dataset_file_name, gguf_metadata,
-                                    quantize_parallelism, read_gguf_facts, source_architecture)
-from quantize.backends.llamacpp import (BINARIES, CONVERTER, FOLDER_ENV, LlamaCpp, find_llama_cpp,
+from quantize.formats import ReleaseContext
+from quantize.formats.gguf import (GGUFBackend, check_architecture, dataset_file_name, gguf_metadata,
+                                   quantize_parallelism, read_gguf_facts, source_architecture)
+from quantize.engines.llamacpp import (BINARIES, CONVERTER, FOLDER_ENV, LlamaCpp, find_llama_cpp,
                                         parse_fallbacks, parse_perplexity, registered_architectures, tool_report)
 from quantize.errors import BadInput, WorkFailed
 from quantize.manifest import read_manifest
@@ -172,7 +172,7 @@ def test_backend_check_rejects_iq_types_without_imatrix(tmp_path, monkeypatch, w
     model = _tiny_config_model(tmp_path / "model", "LlamaForCausalLM")
     plan = _plan(write_recipe(tiny_recipe(model, gguf={"types": ["IQ4_XS"], "imatrix": True})))
     variant = plan.variants[0]
-    unmatrixed = dataclasses.replace(variant, params={**variant.params, "imatrix": False})
+    unmatrixed = dataclasses.replace(variant, spec=variant.spec.model_copy(update={"imatrix": False}))
     with pytest.raises(BadInput, match="IQ4_XS need an importance matrix"):
         GGUFBackend(ReleaseContext(plan, tmp_path / "out")).check([unmatrixed])
 
@@ -240,21 +240,22 @@ def test_release_makes_every_type(release):
         manifest = outcome.manifest
         assert [f.path for f in manifest.files] == [f"gguf/Tiny-Llama.{outcome.variant.name}.gguf"]
         facts = read_gguf_facts([out / manifest.files[0].path])
-        assert facts.file_type == outcome.variant.name == manifest.params["file_type"]
-        assert 4 < manifest.params["bpw"] < 9
+        assert facts.file_type == outcome.variant.name == manifest.measured["file_type"]
+        assert 4 < manifest.measured["bpw"] < 9
+        assert manifest.requested["type"] == outcome.variant.name and manifest.requested["imatrix"] is True
         assert facts.metadata["general.name"] == "Tiny Llama"
         assert facts.metadata["general.quantized_by"] == "tester"
         assert facts.metadata["general.license"] == "apache-2.0"
         assert math.isfinite(manifest.quality["perplexity"]) and manifest.quality["engine"] == "llama.cpp"
         assert math.isfinite(manifest.quality["baseline_perplexity"])
-        assert manifest.tools["llama.cpp"] and {"quantize", "perplexity", "convert_shared"} <= set(manifest.timings)
+        assert manifest.tools["llama.cpp"] and {"quantize", "perplexity", "gguf_convert_shared"} <= set(manifest.timings)
 
 
 @pytest.mark.slow
 @needs_llama_cpp
 def test_release_converts_once_to_f16(release):
     _, out, _ = release
-    converted = sorted((out / ".work" / "gguf").glob("*.F16.gguf"))
+    converted = sorted((out / ".work").rglob("*.F16.gguf"))
     assert [p.name for p in converted] == ["Tiny-Llama.F16.gguf"]
     assert read_gguf_facts(converted).file_type == "F16"
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from quantize.backends.gptq import GPTQ
-from quantize.backends.gptqmodel_common import (assemble_release, check_release_folder,
-                                                clean_quantization_config, is_source_file)
+from quantize.engines.gptqmodel.folder import assemble_release, clean_quantization_config, is_source_file
+from quantize.engines.gptqmodel.setup import eager_torch
+from quantize.engines.gptqmodel.verify import check_release_folder
+from quantize.formats.gptq import GPTQ, GPTQVariant
 from quantize.errors import BadInput, WorkFailed
 from quantize.evaluate import dense_linear, evaluation_windows, perplexity
 from quantize.manifest import read_manifest
@@ -32,7 +33,7 @@ SAVED_BY_GPTQMODEL = {
     "meta": {"quantizer": ["gptqmodel:7.6.0"], "damp_percent": 0.1, "true_sequential": True,
              "offload_to_disk_path": "/tmp/gptqmodel_x1y2", "gc_mode": "interval"},
 }
-GPTQ_PARAMS = {"bits": 4, "group_size": 128, "act_order": True, "damp": 0.1, "sym": True}
+GPTQ_PARAMS = GPTQVariant(bits=4, group_size=128, act_order=True, damp=0.1, sym=True)
 
 
 def plan_of(write_recipe, data: dict):
@@ -54,7 +55,7 @@ def test_clean_config_keeps_required_and_legacy_keys_and_drops_run_noise():
 
 def test_clean_config_writes_minus_one_for_no_group_size():
     cleaned = clean_quantization_config({**SAVED_BY_GPTQMODEL, "group_size": -1}, GPTQ,
-                                        {**GPTQ_PARAMS, "group_size": None})
+                                        GPTQ_PARAMS.model_copy(update={"group_size": None}))
     assert cleaned["group_size"] == -1
 
 
@@ -180,7 +181,7 @@ def test_release_makes_every_variant(release):
     assert [(o.variant.id, o.status, o.error) for o in outcomes] == [
         ("gptq/main", "done", None), ("gptq/gptq-8bit--1g-actorder_False", "done", None), ("awq/main", "done", None)]
     for variant in plan.variants:
-        names = sorted(p.name for p in (out / variant.output_subdir).iterdir())
+        names = sorted(p.name for p in (out / variant.subdir).iterdir())
         assert names == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
                          "quantize_config.json", "tokenizer.json", "tokenizer_config.json"]
     assert not [p for p in out.glob(".staging/**/*") if p.is_file()]
@@ -226,15 +227,13 @@ def test_unquantized_tensors_are_the_source_fp16_values(release, tiny_model):
 def test_variants_reload_with_transformers_with_finite_loss(release):
     from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 
-    from quantize.backends.gptqmodel_common import eager_torch
-
     plan, out, _ = release
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2]])
     for variant in plan.variants:
         loading = (AwqConfig(bits=4, backend="torch_awq") if variant.format == "awq"
                    else GPTQConfig(bits=variant.params["bits"], backend="torch"))
         with eager_torch():
-            model = AutoModelForCausalLM.from_pretrained(out / variant.output_subdir, device_map="cpu",
+            model = AutoModelForCausalLM.from_pretrained(out / variant.subdir, device_map="cpu",
                                                          quantization_config=loading)
             with torch.inference_mode():
                 loss = model(input_ids=ids, labels=ids).loss
@@ -246,9 +245,11 @@ def test_manifests_record_calibration_quality_timings_and_tools(release):
     plan, out, _ = release
     for variant in plan.variants:
         manifest = read_manifest(out, variant.id)
-        assert manifest.params_digest == variant.digest
+        assert manifest.params_digest == variant.digest and manifest.requested == variant.params
+        assert manifest.measured == {"quantize_dtype": "float32" if variant.format == "gptq" else "float16",
+                                     "dtype": "float16"}
         assert {f.path for f in manifest.files} == {
-            f"{variant.output_subdir}/{p.name}" for p in (out / variant.output_subdir).iterdir()}
+            f"{variant.subdir}/{p.name}" for p in (out / variant.subdir).iterdir()}
         assert {k: manifest.calibration[k] for k in ("dataset", "config", "split", "samples", "seq_len", "seed")} == {
             "dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "test", "samples": 8, "seq_len": 128,
             "seed": 0}
@@ -263,9 +264,9 @@ def test_manifests_record_calibration_quality_timings_and_tools(release):
 @pytest.mark.slow
 def test_baseline_is_computed_once_and_cached(release):
     plan, out, _ = release
-    cached = json.loads((out / ".work" / "baseline-perplexity.json").read_text())
+    cached = json.loads((out / ".work" / "fp16_reference" / "artifact.json").read_text())
     baselines = {read_manifest(out, v.id).quality["baseline_perplexity"] for v in plan.variants}
-    assert baselines == {round(cached["result"]["perplexity"], 4)}
+    assert baselines == {round(cached["value"]["perplexity"], 4)}
 
 
 @pytest.mark.slow

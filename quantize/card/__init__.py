@@ -1,7 +1,9 @@
 """Model cards: README.md for each repo of a release, from the recipe and the manifests alone.
 
-original.py reads the source model's card and prompt template, context.py turns plan + manifests
-into template data (pure), render.py renders the Jinja templates and the front matter.
+original.py reads the source model's card and prompt template, context.py turns card inputs
+(recipe, manifests, original card) into template data (pure), render.py renders the Jinja
+templates and the front matter. This module builds the inputs from a local output folder;
+publish/regenerate.py builds the same inputs from a published repo's records.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from pathlib import Path
 from ..errors import BadInput
 from ..manifest import Manifest, read_manifest, write_atomic
 from ..plan import Plan
-from .context import card_context
+from .context import CardAssets, CardEntry, CardInputs
 from .original import OriginalCard, PromptTemplate, load_original_card, prompt_template, split_card
-from .render import render_card, validate_card
+from .render import read_template_overrides, render_card, validate_card
 
 CARDS_DIR = "cards"
 
 __all__ = ["RenderedCard", "render_cards", "card_path", "collect_manifests", "split_card", "validate_card", "OriginalCard",
-           "PromptTemplate"]
+           "PromptTemplate", "CardAssets", "CardEntry", "CardInputs", "card_assets", "local_card_inputs", "plan_card_inputs"]
 
 
 @dataclass
@@ -41,8 +43,8 @@ def collect_manifests(plan: Plan, out_dir: Path) -> dict[str, Manifest]:
     return {key: manifest for key, manifest in found.items() if manifest is not None}
 
 
-def _read_optional(plan: Plan, path: Path | None, what: str) -> str | None:
-    resolved = plan.recipe.resolve(path)
+def _read_optional(recipe, path: Path | None, what: str) -> str | None:
+    resolved = recipe.resolve(path)
     if resolved is None:
         return None
     try:
@@ -51,26 +53,47 @@ def _read_optional(plan: Plan, path: Path | None, what: str) -> str | None:
         raise BadInput(f"card.{what}: cannot read {resolved}") from None
 
 
+def card_assets(recipe) -> CardAssets:
+    """The recipe's header, footer and template overrides, read once (and kept in the release record)."""
+    templates = recipe.resolve(recipe.card.templates)
+    if templates is not None and not templates.is_dir():
+        raise BadInput(f"card.templates: {templates} is not a folder")
+    return CardAssets(_read_optional(recipe, recipe.card.header, "header"),
+                      _read_optional(recipe, recipe.card.footer, "footer"),
+                      read_template_overrides(templates) if templates else {})
+
+
+def plan_card_inputs(plan: Plan, manifests: dict[str, Manifest], original: OriginalCard | None,
+                     prompt: PromptTemplate, assets: CardAssets = CardAssets(),
+                     include_planned: bool = False) -> CardInputs:
+    """Card inputs from a plan and its produced variants' manifests (pure)."""
+    entries = {fmt: [CardEntry.from_manifest(manifests[v.id]) if v.id in manifests else CardEntry.from_variant(v)
+                     for v in plan.of_format(fmt) if include_planned or v.id in manifests]
+               for fmt in plan.formats}
+    return CardInputs(plan.recipe, plan.source.facts.config if plan.source.facts else None, entries,
+                      original, prompt, assets)
+
+
+def local_card_inputs(plan: Plan, out_dir: Path, include_planned: bool = False) -> CardInputs:
+    """Card inputs from the manifests in `out_dir` (and the plan, for planned variants)."""
+    recipe = plan.recipe
+    return plan_card_inputs(plan, collect_manifests(plan, out_dir), load_original_card(recipe),
+                            prompt_template(recipe), card_assets(recipe), include_planned)
+
+
 def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write: bool = True) -> list[RenderedCard]:
     """Render every repo's card from the manifests in `out_dir`; write them to <out>/cards/<repo>/."""
-    recipe = plan.recipe
-    manifests = collect_manifests(plan, out_dir)
-    original = load_original_card(recipe)
-    prompt = prompt_template(recipe)
-    header = _read_optional(plan, recipe.card.header, "header")
-    footer = _read_optional(plan, recipe.card.footer, "footer")
-    templates = recipe.resolve(recipe.card.templates)
+    inputs = local_card_inputs(plan, out_dir, include_planned)
     cards = []
     for fmt in plan.formats:
         ids = [v.id for v in plan.of_format(fmt)]
-        produced = [i for i in ids if i in manifests]
+        produced = [e.id for e in inputs.entries[fmt] if e.produced]
         if not produced and not include_planned:
             continue
-        context = card_context(plan, fmt, manifests, original, prompt, include_planned, header, footer)
-        text = render_card(context, recipe.release.tags, recipe.source.license, templates)
-        path = card_path(out_dir, context["repo_id"])
+        text = render_card(inputs, fmt)
+        repo_id = plan.repo_ids()[fmt]
+        path = card_path(out_dir, repo_id)
         if write:
             write_atomic(path, text.encode("utf-8"))
-        cards.append(RenderedCard(fmt, context["repo_id"], path, text, produced,
-                                  [i for i in ids if i not in manifests]))
+        cards.append(RenderedCard(fmt, repo_id, path, text, produced, [i for i in ids if i not in produced]))
     return cards

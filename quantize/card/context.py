@@ -1,40 +1,110 @@
-"""Plan + manifests + original card -> the data a card template renders. Pure: no I/O."""
+"""Card inputs -> the data a card template renders. Pure: no I/O.
+
+`CardInputs` is built the same way whether the manifests are local (`quantize card`, a release)
+or read back from a published repo's records (`quantize card --from-hub`): each produced variant
+is a `CardEntry` made from its manifest; planned, not yet produced variants (`--planned`) are
+made from the plan. The format plugins turn entries into table rows.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..calibration import dataset_label, dataset_url
+from ..formats import all_formats, get_format
+from ..formats.base import Variant
 from ..manifest import Manifest
-from ..plan import Plan, Variant
-from ..quant_types import GGUF_TYPES, K_QUANT_BLOCKS, RAM_OVERHEAD_BYTES, format_size
+from ..quant_types import format_size
+from ..recipe import Recipe
 from .original import OriginalCard, PromptTemplate
 
 HUB = "https://huggingface.co"
-FORMAT_TITLES = {"gptq": "GPTQ", "awq": "AWQ", "gguf": "GGUF"}
-REPO_ORDER = ("awq", "gptq", "gguf")
 
 
-def _yes_no(value: bool) -> str:
-    return "Yes" if value else "No"
+@dataclass(frozen=True)
+class CardEntry:
+    """One variant as a card shows it: from its manifest (produced) or the plan (planned)."""
+
+    id: str
+    format: str
+    repo_id: str
+    branch: str
+    name: str  # branch or GGUF type
+    params: dict[str, Any]  # requested parameters
+    calibration: dict[str, Any] | None
+    description: str
+    size: int | None
+    produced: bool
+    files: list[str] = field(default_factory=list)  # weight files, as paths in the repo
+    measured: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "CardEntry":
+        return cls(manifest.variant_id, manifest.format, manifest.repo_id, manifest.branch, manifest.name,
+                   manifest.requested, manifest.calibration, manifest.description, manifest.total_size, True,
+                   [manifest.repo_path(f) for f in manifest.weight_files()], manifest.measured, manifest.quality)
+
+    @classmethod
+    def from_variant(cls, variant: Variant) -> "CardEntry":
+        return cls(variant.id, variant.format, variant.repo_id, variant.branch, variant.name, variant.params,
+                   variant.calibration_summary, variant.description, variant.estimated_bytes, False,
+                   [variant.file_name] if variant.file_name else [])
 
 
-def _join_words(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+@dataclass(frozen=True)
+class CardAssets:
+    """What the recipe adds to its cards: header and footer Markdown, template overrides by name."""
+
+    header: str | None = None
+    footer: str | None = None
+    templates: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"header": self.header, "footer": self.footer, "templates": self.templates}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "CardAssets":
+        data = data or {}
+        return cls(data.get("header"), data.get("footer"), dict(data.get("templates") or {}))
 
 
-def _ppl(manifest: Manifest | None) -> str:
-    value = manifest.quality.get("perplexity") if manifest else None
+@dataclass(frozen=True)
+class CardInputs:
+    """Everything the cards of a release are rendered from."""
+
+    recipe: Recipe
+    model_config: dict[str, Any] | None  # the source's config.json
+    entries: dict[str, list[CardEntry]]  # by format: every format of the release, in recipe order
+    original: OriginalCard | None
+    prompt: PromptTemplate
+    assets: CardAssets = CardAssets()
+
+    @property
+    def model_type(self) -> str | None:
+        return (self.model_config or {}).get("model_type")
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model_config or {}
+        return (config.get("text_config") or config).get("max_position_embeddings")
+
+
+# --- cells the format plugins share ------------------------------------------------------------
+
+def ppl_cell(entry: CardEntry) -> str:
+    value = entry.quality.get("perplexity")
     return f"{value:.4f}" if isinstance(value, (int, float)) else ""
 
 
-def _size(variant: Variant, manifest: Manifest | None) -> str:
-    if manifest is not None:
-        return format_size(manifest.total_size)
-    return "~" + format_size(variant.estimated_bytes) if variant.estimated_bytes else "?"
+def size_cell(entry: CardEntry) -> str:
+    if entry.size is None:
+        return "?"
+    return format_size(entry.size) if entry.produced else "~" + format_size(entry.size)
 
 
-def _dataset_cell(calibration: dict[str, Any] | None) -> str:
+def dataset_cell(calibration: dict[str, Any] | None) -> str:
     if not calibration:
         return ""
     url = dataset_url(calibration)
@@ -42,60 +112,16 @@ def _dataset_cell(calibration: dict[str, Any] | None) -> str:
     return f"[{label}]({url})" if url else label
 
 
-def _calibration(variant: Variant, manifest: Manifest | None) -> dict[str, Any] | None:
-    if manifest is not None and manifest.calibration:
-        return {**variant.calibration, **manifest.calibration} if variant.calibration else manifest.calibration
-    return variant.calibration
+# --- the template data -------------------------------------------------------------------------
 
-
-def _weight_row(variant: Variant, manifest: Manifest | None) -> dict[str, Any]:
-    params = variant.params
-    calibration = _calibration(variant, manifest)
-    return {
-        "branch": variant.branch, "url": f"{HUB}/{variant.repo_id}/tree/{variant.branch}",
-        "bits": params["bits"], "group_size": params["group_size"] or "None",
-        "act_order": _yes_no(params.get("act_order", False)), "damp": f"{params.get('damp', '')}",
-        "dataset": _dataset_cell(calibration), "seq_len": calibration["seq_len"] if calibration else "",
-        "size": _size(variant, manifest), "exllama": _yes_no(params.get("exllama", False)),
-        "description": variant.description, "ppl": _ppl(manifest),
-    }
-
-
-def _gguf_row(variant: Variant, manifest: Manifest | None) -> dict[str, Any]:
-    facts = GGUF_TYPES[variant.name]
-    if manifest is not None:
-        files = [f.path.rsplit("/", 1)[-1] for f in manifest.weight_files()]
-        size = manifest.total_size
-    else:
-        files, size = [variant.file_name], variant.estimated_bytes
-    prefix = "" if manifest is not None else "~"
-    return {
-        "files": [{"name": name, "url": f"{HUB}/{variant.repo_id}/blob/main/{name}"} for name in files],
-        "method": variant.name, "bits": facts.bits,
-        "size": prefix + format_size(size) if size else "?",
-        "max_ram": prefix + format_size(size + RAM_OVERHEAD_BYTES) if size else "?",
-        "use_case": variant.description, "ppl": _ppl(manifest),
-        "bpw": manifest.params.get("bpw") if manifest else None,
-        "imatrix": variant.params.get("imatrix", False), "split": len(files) > 1,
-    }
-
-
-def _repositories(plan: Plan, creator_title: str) -> list[dict[str, str]]:
-    recipe = plan.recipe
+def _repositories(inputs: CardInputs, creator_title: str) -> list[dict[str, str]]:
+    recipe = inputs.recipe
     repos = []
-    for fmt in REPO_ORDER:
-        variants = plan.of_format(fmt)
-        if not variants:
-            continue
-        if fmt == "gguf":
-            bits = sorted({GGUF_TYPES[v.name].bits for v in variants})
-            label = f"{_join_words([str(b) for b in bits])}-bit GGUF models for CPU+GPU inference"
-        elif fmt == "gptq":
-            label = "GPTQ models for GPU inference" + (", with multiple quantisation parameter options"
-                                                      if len(variants) > 1 else "")
-        else:
-            label = "AWQ model(s) for GPU inference"
-        repos.append({"label": label, "url": f"{HUB}/{recipe.release.repo_id(fmt)}"})
+    for plugin in sorted(all_formats(), key=lambda p: p.card_order):
+        section = getattr(recipe, plugin.name)
+        if section is not None:
+            repos.append({"label": plugin.repository_label(section),
+                          "url": f"{HUB}/{recipe.release.repo_id(plugin.title)}"})
     base = recipe.source.base_model
     if base:
         repos.append({"label": f"{creator_title} original unquantised fp16 model in pytorch format, "
@@ -103,49 +129,41 @@ def _repositories(plan: Plan, creator_title: str) -> list[dict[str, str]]:
     return repos
 
 
-def _quality(manifests: list[Manifest]) -> dict[str, Any] | None:
-    measured = [m for m in manifests if "perplexity" in m.quality]
+def _quality(entries: list[CardEntry]) -> dict[str, Any] | None:
+    measured = [e for e in entries if "perplexity" in e.quality]
     if not measured:
         return None
-    quality = measured[0].quality
+    first = measured[0]
+    quality = first.quality
     return {"engine": quality.get("engine", ""), "baseline": quality.get("baseline_perplexity"),
-            "evaluation": quality.get("eval_text") or (measured[0].calibration or {}).get("evaluation", ""),
-            "dataset": quality.get("dataset")
-            or (dataset_label(measured[0].calibration) if measured[0].calibration else "held-out")}
+            "evaluation": quality.get("eval_text") or (first.calibration or {}).get("evaluation", ""),
+            "dataset": quality.get("dataset") or (dataset_label(first.calibration) if first.calibration else "held-out")}
 
 
-def card_context(plan: Plan, fmt: str, manifests: dict[str, Manifest], original: OriginalCard | None,
-                 prompt: PromptTemplate, include_planned: bool = False,
-                 header: str | None = None, footer: str | None = None) -> dict[str, Any]:
+def card_context(inputs: CardInputs, fmt: str) -> dict[str, Any]:
     """Everything a `<fmt>.md.j2` template needs, from data alone."""
-    recipe = plan.recipe
+    plugin = get_format(fmt)
+    recipe = inputs.recipe
     source = recipe.source
     name = source.display_name()
     creator = source.creator or (source.base_model.split("/")[0] if source.base_model else None)
     creator_title = f"{creator}'s" if creator else "The"
     creator_url = source.creator_url or (f"{HUB}/{source.base_model.split('/')[0]}" if source.base_model else None)
-    variants = [v for v in plan.of_format(fmt) if include_planned or v.id in manifests]
-    row = _gguf_row if fmt == "gguf" else _weight_row
-    rows = [row(v, manifests.get(v.id)) for v in variants]
-    branches = [v.branch for v in variants]
-    example_branch = next((b for b in branches if b != "main"), branches[0] if branches else "main")
-    gguf_files = [r["files"][0]["name"] for r in rows] if fmt == "gguf" else []
-    preferred = next((r for r in rows if r.get("method") == "Q4_K_M"), rows[0] if rows else None)
-    facts = plan.source.facts
+    entries = inputs.entries.get(fmt, [])
+    rows = [plugin.card_row(entry, inputs.model_type) for entry in entries]
+    repo_id = recipe.release.repo_id(plugin.title)
     return {
-        "fmt": fmt, "title": FORMAT_TITLES[fmt], "repo_id": recipe.release.repo_id(fmt),
-        "repo_name": recipe.release.repo_id(fmt).split("/")[-1], "basename": recipe.release.basename,
+        "fmt": fmt, "title": plugin.title, "repo_id": repo_id, "library_name": plugin.library_name,
+        "repo_name": repo_id.split("/")[-1], "basename": recipe.release.basename,
         "model_name": name, "creator": creator, "creator_url": creator_url,
         "original_title": f"{creator_title} {name}" if creator else name,
         "base_model": source.base_model, "base_model_url": f"{HUB}/{source.base_model}" if source.base_model else None,
-        "quantized_by": recipe.release.author, "prompt": prompt, "rows": rows,
-        "has_ppl": any(r["ppl"] for r in rows), "planned_only": not any(v.id in manifests for v in variants),
-        "example_branch": example_branch, "gguf_files": gguf_files,
-        "example_gguf": preferred["method"] if preferred and fmt == "gguf" else None,
-        "example_gguf_file": preferred["files"][0]["name"] if preferred and fmt == "gguf" else None,
-        "k_quant_blocks": K_QUANT_BLOCKS, "repositories": _repositories(plan, creator_title),
-        "quality": _quality([manifests[v.id] for v in variants if v.id in manifests]),
-        "context_length": (facts.context_length if facts else None) or 4096,
-        "model_type": plan.source.model_type,
-        "original": original, "header": header, "footer": footer,
+        "quantized_by": recipe.release.author, "prompt": inputs.prompt, "rows": rows,
+        "has_ppl": any(r["ppl"] for r in rows), "planned_only": not any(e.produced for e in entries),
+        "repositories": _repositories(inputs, creator_title),
+        "quality": _quality([e for e in entries if e.produced]),
+        "context_length": inputs.context_length or 4096,
+        "model_type": inputs.model_type,
+        "original": inputs.original, "header": inputs.assets.header, "footer": inputs.assets.footer,
+        **plugin.card_extras(entries),
     }

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
+from jinja2 import ChoiceLoader, DictLoader, Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from ..errors import BadInput
-from ..recipe import HUB_ID
+from ..schema import HUB_ID
+from .context import CardInputs, card_context
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 SECTION = re.compile(r"<!-- (\S+) (start|end) -->")
-LIBRARY = {"gptq": "transformers", "awq": "transformers", "gguf": None}
 
 
 def _cell(value: Any) -> str:
@@ -22,9 +22,10 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def environment(override_dir: Path | None = None) -> Environment:
-    search = [str(override_dir)] if override_dir else []
-    env = Environment(loader=FileSystemLoader(search + [str(BUILTIN_TEMPLATES)]), autoescape=False,
+def environment(overrides: dict[str, str] | None = None) -> Environment:
+    """Built-in templates, with a recipe's overrides (name -> text) taking precedence."""
+    loader = ChoiceLoader([DictLoader(dict(overrides or {})), FileSystemLoader(str(BUILTIN_TEMPLATES))])
+    env = Environment(loader=loader, autoescape=False,
                       undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["cell"] = _cell
     return env
@@ -33,17 +34,16 @@ def environment(override_dir: Path | None = None) -> Environment:
 def front_matter(context: dict[str, Any], tags: list[str], license_id: str | None) -> ModelCardData:
     """Ours, with license, datasets and language inherited from the original card's metadata."""
     inherited = context["original"].metadata if context["original"] else {}
-    fmt = context["fmt"]
     data: dict[str, Any] = {
         "base_model": context["base_model"], "base_model_relation": "quantized" if context["base_model"] else None,
         "datasets": inherited.get("datasets"), "inference": False, "language": inherited.get("language"),
-        "library_name": LIBRARY[fmt], "license": license_id or inherited.get("license"),
+        "library_name": context["library_name"], "license": license_id or inherited.get("license"),
         "license_name": inherited.get("license_name"), "license_link": inherited.get("license_link"),
         "model_creator": context["creator"], "model_name": context["model_name"],
         "model_type": context["model_type"], "pipeline_tag": "text-generation",
         "prompt_template": context["prompt"].text + ("\n" if not context["prompt"].text.endswith("\n") else ""),
         "quantized_by": context["quantized_by"],
-        "tags": list(dict.fromkeys([fmt, "quantized", *tags])),
+        "tags": list(dict.fromkeys([context["fmt"], "quantized", *tags])),
     }
     return ModelCardData(**{key: value for key, value in data.items() if value is not None})
 
@@ -70,15 +70,21 @@ def validate_card(text: str) -> list[str]:
     return problems
 
 
-def render_card(context: dict[str, Any], tags: list[str], license_id: str | None,
-                templates: Path | None = None) -> str:
-    """README.md of one repo: front matter + the format's template rendered with `context`."""
-    fmt = context["fmt"]
+def read_template_overrides(folder: Path) -> dict[str, str]:
+    """A recipe's `card.templates` folder as name -> text (`partials/x.md.j2` included)."""
+    return {p.relative_to(folder).as_posix(): p.read_text(encoding="utf-8")
+            for p in sorted(folder.rglob("*.j2")) if p.is_file()}
+
+
+def render_card(inputs: CardInputs, fmt: str) -> str:
+    """README.md of one repo: front matter + the format's template; the one way every card is rendered."""
+    context = card_context(inputs, fmt)
+    recipe = inputs.recipe
     try:
-        body = environment(templates).get_template(f"{fmt}.md.j2").render(**context)
+        body = environment(inputs.assets.templates).get_template(f"{fmt}.md.j2").render(**context)
     except TemplateError as exc:
         raise BadInput(f"card template {fmt}.md.j2: {exc}") from None
-    yaml_text = front_matter(context, tags, license_id).to_yaml()
+    yaml_text = front_matter(context, recipe.release.tags, recipe.source.license).to_yaml()
     text = f"---\n{yaml_text}\n---\n{body}"
     problems = validate_card(text)
     if problems:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from ..errors import WorkFailed
+from ..card.context import CardAssets
 from ..card.original import PromptTemplate
 from ..manifest import Manifest
 from ..plan import Plan
@@ -65,10 +66,11 @@ def make_target(plan: Plan, out_dir: Path) -> Target:
 
 
 def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, str],
-                    prompt: PromptTemplate, target: Target, log: Callable[[str], None] = print) -> list[PublishedBranch]:
+                    prompt: PromptTemplate, assets: CardAssets, target: Target,
+                    log: Callable[[str], None] = print) -> list[PublishedBranch]:
     """Publish every produced variant's branch, then verify each one against its manifest."""
     published = []
-    for content in branch_contents(plan, out_dir, manifests, cards, prompt):
+    for content in branch_contents(plan, out_dir, manifests, cards, prompt, assets):
         uploaded = target.publish(content, log)
         problems = branch_mismatches(content, target.remote_files(content))
         if problems:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..card.context import CardAssets
 from ..card.original import PromptTemplate
 from ..manifest import Manifest
 from ..plan import Plan
 
 CARD_FILE = "README.md"
 RECORD_FILE = "quantize-release.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 # Files the Hub (and our local target) treat as LFS, as the Hub's default .gitattributes does.
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
                 ".model", ".npy", ".npz", ".zip", ".tar", ".gz", ".7z", ".arrow", ".parquet")
@@ -40,7 +41,7 @@ def is_lfs(path: str) -> bool:
     return path.lower().endswith(LFS_SUFFIXES)
 
 
-def release_record(plan: Plan, manifests: list[Manifest], prompt: PromptTemplate) -> bytes:
+def release_record(plan: Plan, manifests: list[Manifest], prompt: PromptTemplate, assets: CardAssets) -> bytes:
     """Everything needed to rebuild or audit the branch (recipe, parameters, tools, seeds, hashes)
     and to re-render its card later without the source model (`quantize card --from-hub`)."""
     record: dict[str, Any] = {
@@ -48,13 +49,15 @@ def release_record(plan: Plan, manifests: list[Manifest], prompt: PromptTemplate
         "recipe": json.loads(plan.recipe.model_dump_json(exclude={"base_dir"})),
         "source_config": plan.source.facts.config if plan.source.facts else None,
         "prompt_template": {"name": prompt.name, "text": prompt.text},
+        "card": assets.to_dict(),  # header, footer and template overrides, for regenerating the card
+        "release_variants": [v.id for v in plan.variants],  # the whole release, in card order
         "variants": [json.loads(m.model_dump_json()) for m in manifests],
     }
     return (json.dumps(record, indent=2, sort_keys=False) + "\n").encode()
 
 
-def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest],
-                    cards: dict[str, str], prompt: PromptTemplate) -> list[BranchContent]:
+def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, str],
+                    prompt: PromptTemplate, assets: CardAssets) -> list[BranchContent]:
     """One BranchContent per (repo, branch) with a produced variant; `cards` maps repo_id -> README text."""
     contents: dict[tuple[str, str], BranchContent] = {}
     produced: dict[tuple[str, str], list[Manifest]] = {}
@@ -73,5 +76,5 @@ def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest],
         if content.repo_id not in cards:
             raise ValueError(f"no card rendered for {content.repo_id}")
         content.generated[CARD_FILE] = cards[content.repo_id].encode("utf-8")
-        content.generated[RECORD_FILE] = release_record(plan, produced[key], prompt)
+        content.generated[RECORD_FILE] = release_record(plan, produced[key], prompt, assets)
     return list(contents.values())

@@ -17,14 +17,12 @@ from typing import Callable
 from huggingface_hub import CommitOperationAdd
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
-from ..card.context import card_context
+from ..card.context import CardAssets, CardEntry, CardInputs
 from ..card.original import OriginalCard, PromptTemplate, split_card
 from ..card.render import render_card
 from ..errors import BadInput
 from ..manifest import Manifest
-from ..plan import build_plan
 from ..recipe import Recipe
-from ..source import SourceModel, facts_from_config
 from .hub import HubTarget
 from .layout import CARD_FILE, RECORD_FILE
 
@@ -93,21 +91,28 @@ class HubCardRegenerator:
                 manifests[manifest.variant_id] = manifest
         return manifests
 
-    def render(self, repo_id: str) -> tuple[str, list[str]]:
-        """The card re-rendered from the Hub, and the branches that carry a record."""
+    def inputs(self, repo_id: str) -> tuple[CardInputs, str, list[str]]:
+        """The card inputs the published records hold, the repo's format, and the branches with a record."""
         records = self._records(repo_id)
         record = records.get("main") or next(iter(records.values()))
         recipe = Recipe.model_validate({**record["recipe"], "base_dir": Path.cwd()})
-        config = record.get("source_config")
-        plan = build_plan(recipe, SourceModel(facts_from_config(config) if config else None, None))
-        fmt = next((f for f, rid in plan.repo_ids().items() if rid == repo_id), None)
-        if fmt is None:
-            raise BadInput(f"card --from-hub: the record on {repo_id} describes {', '.join(plan.repo_ids().values())}")
+        manifests = self._manifests(repo_id, records)
+        formats = {m.format for m in manifests.values()}
+        if len(formats) != 1:
+            raise BadInput(f"card --from-hub: the records on {repo_id} describe {len(formats)} formats")
+        order = {variant_id: index for index, variant_id in enumerate(record.get("release_variants") or [])}
+        ordered = sorted(manifests.values(), key=lambda m: (order.get(m.variant_id, len(order)), m.variant_id))
         current = self._read(repo_id, CARD_FILE, "main")
         original = original_from_card(current.decode("utf-8")) if current else None
-        prompt = PromptTemplate(**record["prompt_template"])
-        context = card_context(plan, fmt, self._manifests(repo_id, records), original, prompt)
-        return render_card(context, recipe.release.tags, recipe.source.license), list(records)
+        fmt = formats.pop()
+        inputs = CardInputs(recipe, record.get("source_config"), {fmt: [CardEntry.from_manifest(m) for m in ordered]},
+                            original, PromptTemplate(**record["prompt_template"]), CardAssets.from_dict(record.get("card")))
+        return inputs, fmt, list(records)
+
+    def render(self, repo_id: str) -> tuple[str, list[str]]:
+        """The card re-rendered from the Hub, and the branches that carry a record."""
+        inputs, fmt, branches = self.inputs(repo_id)
+        return render_card(inputs, fmt), branches
 
     def regenerate(self, repo_id: str, dry_run: bool = False) -> list[CardUpdate]:
         text, branches = self.render(repo_id)

@@ -1,0 +1,65 @@
+"""Checking a release folder as its users will load it: files, config fields, transformers, generation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import WorkFailed
+from .setup import eager_torch
+
+if TYPE_CHECKING:
+    from .weights import WeightFormat
+
+GENERATE_TOKENS = 8
+
+
+def check_release_folder(folder: Path, fmt: WeightFormat, spec: Any) -> None:
+    """The files and config fields mainstream loaders need; WorkFailed naming the first problem."""
+    names = {p.name for p in folder.iterdir()}
+    required = {"config.json", "quantize_config.json"}
+    missing = sorted(required - names) or ([] if any(n.endswith(".safetensors") for n in names) else ["*.safetensors"])
+    if missing:
+        raise WorkFailed(f"{folder.name}: release folder lacks {', '.join(missing)}")
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        raise WorkFailed(f"{folder.name}: release folder holds pickled weights")
+    wanted = {**fmt.release_fields(spec), **fmt.legacy_keys}
+    for file_name, config in (("quantize_config.json", json.loads((folder / "quantize_config.json").read_text())),
+                              ("config.json", json.loads((folder / "config.json").read_text()).get("quantization_config") or {})):
+        wrong = {k: config.get(k) for k, v in wanted.items() if config.get(k) != v}
+        if wrong:
+            raise WorkFailed(f"{file_name}: quantization fields {wrong} differ from {({k: wanted[k] for k in wrong})}")
+
+
+def load_quantized(folder: Path, fmt: WeightFormat, spec: Any):
+    """The variant as a user loads it: transformers' AutoModelForCausalLM, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from ...evaluate import EVAL_DTYPE
+
+    with eager_torch(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # we only pick the kernel
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, device_map="cpu", dtype=EVAL_DTYPE,
+            quantization_config=fmt.transformers_loading_config(spec))
+    if not any(hasattr(m, "qweight") for m in model.modules()):
+        raise WorkFailed(f"{folder.name}: transformers loaded no quantized layer")
+    return model.eval()
+
+
+def generate_check(model, tokenizer, tokens: int = GENERATE_TOKENS) -> int:
+    """Greedy-generate a few tokens; WorkFailed unless they come and the logits are finite."""
+    import torch
+
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with eager_torch(), torch.inference_mode():
+        logits = model(**prompt).logits
+        output = model.generate(**prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    if not torch.isfinite(logits).all():
+        raise WorkFailed("the quantized model's logits are not finite")
+    produced = output.shape[-1] - prompt["input_ids"].shape[-1]
+    if produced != tokens:
+        raise WorkFailed(f"the quantized model generated {produced} tokens instead of {tokens}")
+    return produced

@@ -1,0 +1,200 @@
+"""What GPTQ and AWQ share: both are made with GPTQModel from the fp16 model and the release's
+calibration windows, and are saved, cleaned, verified and measured the same way.
+
+The two formats differ only in the data of their `WeightFormat` (GPTQModel settings, the fields
+their config files must carry, the kernel transformers loads them with). The shared work they
+need (calibration windows, the fp16 reference) comes from the release's artifact store.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ...calibration import TokensArtifact, WindowsArtifact
+from ...errors import BadInput, WorkFailed
+from ...formats.base import Backend, Produced, Variant
+from ...manifest import package_versions
+from ...stages import Stopwatch
+from .folder import assemble_release, release_files, restore_unquantized_tensors, rewrite_configs
+from .setup import eager_torch, import_gptqmodel, supported_model_types
+from .verify import check_release_folder, generate_check, load_quantized
+
+RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
+SAVE_SUBDIR = ".gptqmodel-save"  # inside the staging folder; removed once the release files are out
+TOOL_PACKAGES = ("gptqmodel", "optimum", "accelerate", "safetensors", "tokenizers")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str  # "gptq" or "awq"
+    quantize_dtype: str | None  # the dtype GPTQModel computes in; None: the source's own dtype
+    quantize_backend: str  # GPTQModel BACKEND used while quantizing
+    load_backend: str  # the transformers quantization backend that loads every variant on a CPU
+    quantize_settings: Callable[[Any], dict[str, Any]]  # variant spec -> QuantizeConfig kwargs
+    release_fields: Callable[[Any], dict[str, Any]]  # variant spec -> required config keys
+    legacy_keys: dict[str, Any] = field(default_factory=dict)  # added to quantize_config.json
+    needs_optimum: bool = False  # transformers loads it through optimum
+
+    def compute_dtype(self, source: str) -> str:
+        return self.quantize_dtype or source
+
+    def quantize_config(self, spec: Any):
+        from gptqmodel import QuantizeConfig
+
+        return QuantizeConfig(**self.quantize_settings(spec), offload_to_disk=False)
+
+    def transformers_loading_config(self, spec: Any):
+        """Loading attributes only: transformers keeps the saved config and swaps in this backend."""
+        from transformers import AwqConfig, GPTQConfig
+
+        config_class = AwqConfig if self.name == "awq" else GPTQConfig
+        return config_class(bits=spec.bits, backend=self.load_backend)
+
+
+def calibration_batch(windows: list[list[int]]) -> list[dict[str, Any]]:
+    import torch
+
+    return [{"input_ids": torch.tensor(ids, dtype=torch.long),
+             "attention_mask": torch.ones(len(ids), dtype=torch.long)} for ids in windows]
+
+
+def source_dtype(config: dict[str, Any]) -> str:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
+    return name if name in RELEASE_DTYPES else "float16"
+
+
+def damp_notes(requested: float, damps: list[float]) -> list[str]:
+    raised = [d for d in damps if d > requested + 1e-9]
+    if not raised:
+        return []
+    return [f"damp raised from {requested} to at most {max(raised):.4f} for {len(raised)} of "
+            f"{len(damps)} modules (their Hessian was not positive definite at {requested})"]
+
+
+def needed(variant: Variant, kind: type) -> Any:
+    """The variant's declared artifact of one kind (the plan puts them there)."""
+    for artifact in variant.needs:
+        if isinstance(artifact, kind):
+            return artifact
+    raise WorkFailed(f"{variant.id}: the plan gives it no {kind.__name__}")
+
+
+class GPTQModelBackend(Backend):
+    """One GPTQModel weight format (see WeightFormat); formats/gptq.py and awq.py pick the format."""
+
+    weight_format: WeightFormat
+
+    def __init__(self, context, weight_format: WeightFormat):
+        super().__init__(context)
+        self.weight_format = weight_format
+
+    @property
+    def source_config(self) -> dict[str, Any]:
+        facts = self.context.plan.source.facts
+        return facts.config if facts else json.loads((self.context.model_path / "config.json").read_text())
+
+    # check
+    def check(self, variants: list[Variant]) -> None:
+        import_gptqmodel()
+        self._check_source()
+        store = self.context.store
+        for variant in variants:
+            store.get(needed(variant, WindowsArtifact))  # BadInput when the text is too short
+            if not evaluation_windows_of(store.value(needed(variant, WindowsArtifact).tokens)):
+                raise BadInput("calibration: the held-out evaluation text is empty; raise calibration.held_out")
+
+    def _check_source(self) -> None:
+        fmt = self.weight_format.name
+        facts = self.context.plan.source.facts
+        if facts is None:
+            raise BadInput(f"{fmt}: the source's config.json could not be read; cannot check its architecture")
+        if facts.config.get("quantization_config"):
+            raise BadInput(f"{fmt}: the source model is already quantized; give the fp16 model")
+        model_type = (facts.model_type or "").lower()
+        if model_type not in supported_model_types():
+            raise BadInput(f"{fmt}: GPTQModel does not support architecture {facts.model_type!r} "
+                           f"({', '.join(facts.architectures) or 'unknown'})")
+        if self.weight_format.needs_optimum:
+            try:
+                import optimum  # noqa: F401  transformers loads GPTQ folders through optimum
+            except ImportError:
+                raise BadInput(f"{fmt}: the optimum package is needed to verify {fmt.upper()} folders "
+                               "with transformers") from None
+
+    # produce
+    def produce(self, variant: Variant, staging: Path) -> Produced:
+        clock = Stopwatch()
+        fmt, spec, store = self.weight_format, variant.spec, self.context.store
+        windows = needed(variant, WindowsArtifact)
+        with clock.stage("calibration"):
+            batch = calibration_batch(store.value(windows))
+        dtype = fmt.compute_dtype(source_dtype(self.source_config))
+        with clock.stage("load"):
+            model = self._load(fmt.quantize_config(spec), dtype)
+        with clock.stage("quantize"):
+            model.quantize(batch, batch_size=1, backend=fmt.quantize_backend)
+        damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
+        with clock.stage("save"):
+            self._save(model, staging, spec)
+        del model, batch
+        gc.collect()
+        quality = self._verify(variant, staging, clock)
+        tokens = store.value(windows.tokens)
+        text = store.value(windows.tokens.text)
+        calibration = {**variant.calibration_summary, "source": text.facts.get("source"),
+                       "evaluation": text.facts.get("evaluation"), "calibration_tokens": len(tokens.calibration)}
+        return Produced(files=release_files(staging), quality=quality,
+                        timings={**store.timings(variant.needs), **clock.timings}, calibration=calibration,
+                        measured={"quantize_dtype": dtype, "dtype": source_dtype(self.source_config)},
+                        notes=damp_notes(spec.damp, damps) if hasattr(spec, "damp") else [])
+
+    def _load(self, quantize_config, dtype: str):
+        """The unquantized model from disk, in the dtype GPTQModel computes in."""
+        import torch
+        from gptqmodel import GPTQModel
+
+        return GPTQModel.load(str(self.context.model_path), quantize_config, dtype=getattr(torch, dtype))
+
+    def _save(self, model, staging: Path, spec: Any) -> None:
+        saved = staging / SAVE_SUBDIR
+        model.save(str(saved))
+        dtype = source_dtype(self.source_config)
+        restore_unquantized_tensors(saved, self.context.model_path, dtype)
+        rewrite_configs(saved, self.weight_format, spec, dtype)
+        assemble_release(saved, staging, self.context.model_path)
+
+    def _verify(self, variant: Variant, staging: Path, clock: Stopwatch) -> dict[str, Any]:
+        from ...evaluate import TransformersReference, densify_quantized_linears, perplexity
+
+        store = self.context.store
+        check_release_folder(staging, self.weight_format, variant.spec)
+        with clock.stage("verify"):
+            model = load_quantized(staging, self.weight_format, variant.spec)
+            generated = generate_check(model, self.context.tokenizer)
+        with clock.stage("baseline"):
+            reference = needed(variant, TransformersReference)
+            baseline = store.value(reference)
+        with clock.stage("evaluate"):
+            with eager_torch():
+                densify_quantized_linears(model)
+            result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
+        del model
+        gc.collect()
+        if not result.perplexity < float("inf"):
+            raise WorkFailed(f"the quantized model's perplexity is not finite ({result.perplexity})")
+        text = store.value(reference.tokens.text)
+        return {**result.as_quality(baseline, text.facts.get("evaluation")),
+                "dataset": text.label, "generated_tokens": generated}
+
+    def tool_versions(self) -> dict[str, str]:
+        return package_versions(TOOL_PACKAGES)
+
+
+def evaluation_windows_of(tokens) -> list[list[int]]:
+    from ...evaluate import evaluation_windows
+
+    return evaluation_windows(tokens.evaluation)

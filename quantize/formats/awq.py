@@ -1,0 +1,77 @@
+"""AWQ: one complete model folder per permutation (GEMM layout, the one AutoAWQ, vLLM and
+transformers load), made with GPTQModel from the same calibration windows as GPTQ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import field_validator
+
+from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
+from ..quant_types import AWQ_BITS, awq_branch_name, awq_default_description
+from ._weights import WeightFormatPlugin, WeightVariantSpec
+
+
+class AWQVariant(WeightVariantSpec):
+    """One AWQ permutation: the recipe's `awq:` list items, and the variant's parameters."""
+
+    bits: int = 4
+    zero_point: bool = True
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in AWQ_BITS:
+            raise ValueError(f"AWQ supports {', '.join(map(str, AWQ_BITS))}-bit only (got {value})")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _needs_group(cls, value: int | None) -> int | None:
+        if value is None:
+            raise ValueError("AWQ needs a group size (e.g. 128)")
+        return value
+
+    def generated_branch(self) -> str:
+        return awq_branch_name(self.bits, self.group_size)
+
+    def default_description(self) -> str:
+        return awq_default_description(self.bits, self.group_size)
+
+
+def awq_settings(spec: AWQVariant) -> dict[str, Any]:
+    # GPTQModel spells AWQ's zero point as asymmetric quantization.
+    return {"quant_method": "awq", "format": "gemm", "bits": spec.bits, "group_size": spec.group_size,
+            "sym": not spec.zero_point}
+
+
+def awq_fields(spec: AWQVariant) -> dict[str, Any]:
+    return {"quant_method": "awq", "version": "gemm", "bits": spec.bits, "group_size": spec.group_size,
+            "zero_point": spec.zero_point}
+
+
+# GPTQModel's AWQ kernels take fp16/bf16 only: AWQ computes in the source's own dtype.
+AWQ = WeightFormat(name="awq", quantize_dtype=None, quantize_backend="awq_torch", load_backend="torch_awq",
+                   quantize_settings=awq_settings, release_fields=awq_fields)
+
+
+class AWQFormat(WeightFormatPlugin):
+    name = "awq"
+    title = "AWQ"
+    order = 20
+    card_order = 10
+    section = list[AWQVariant] | None
+    spec_type = AWQVariant
+
+    def backend(self, context) -> GPTQModelBackend:
+        return GPTQModelBackend(context, AWQ)
+
+    def card_row(self, entry, model_type: str | None) -> dict[str, Any]:
+        return self.weight_row(entry, model_type)
+
+    def repository_label(self, section: list[AWQVariant]) -> str:
+        return "AWQ model(s) for GPU inference"
+
+
+FORMAT = AWQFormat()

@@ -1,0 +1,147 @@
+"""The recipe's shared sections (source, release, calibration, publish, card) and value types.
+
+Format sections live with their format plugins (quantize/formats/); recipe.py assembles them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BRANCH_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+def _group_size(value: Any) -> Any:
+    """`none`, null and -1 all mean one group per row; stored as None."""
+    if value is None or value == -1 or (isinstance(value, str) and value.strip().lower() in ("none", "-1")):
+        return None
+    return value
+
+
+def _power_of_two_group(value: int | None) -> int | None:
+    if value is not None and (value < 16 or value > 1024 or value & (value - 1)):
+        raise ValueError(f"must be a power of two from 16 to 1024, or none (got {value})")
+    return value
+
+
+GroupSize = Annotated[int | None, BeforeValidator(_group_size), AfterValidator(_power_of_two_group)]
+
+
+def group_size_on_disk(group_size: int | None) -> int:
+    """The value config files and loaders use: -1 for one group per row."""
+    return -1 if group_size is None else group_size
+
+
+def group_size_label(group_size: int | None) -> str:
+    """How cards and the CLI write it: "None" for one group per row."""
+    return "None" if group_size is None else str(group_size)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Strict):
+    path: Path | None = None  # a local fp16 Hugging Face folder ...
+    hub: str | None = None  # ... or a Hub model id (then `revision` applies)
+    revision: str = "main"
+    name: str | None = None  # display name, e.g. "SmolLM2 135M Instruct"
+    creator: str | None = None  # model_creator, e.g. "Hugging Face"
+    creator_url: str | None = None
+    repo_id: str | None = None  # the original repo (front matter base_model); defaults to `hub`
+    license: str | None = None  # defaults to the original card's
+    prompt_template: str | None = None  # defaults to the tokenizer's chat template, rendered
+    prompt_template_name: str | None = None
+    card: Path | None = None  # the original model card; defaults to README.md of the model
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "Source":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of source.path (local folder) or source.hub (Hub id)")
+        if self.hub is not None and not HUB_ID.match(self.hub):
+            raise ValueError(f"source.hub must look like owner/name (got {self.hub!r})")
+        return self
+
+    @property
+    def base_model(self) -> str | None:
+        return self.repo_id or self.hub
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        ident = self.base_model or (self.path.name if self.path else "model")
+        return ident.split("/")[-1]
+
+
+class Release(Strict):
+    namespace: str
+    basename: str
+    quantized_by: str | None = None  # defaults to the namespace
+    private: bool = False
+    tags: list[str] = Field(default_factory=list)
+    split_max_size_gb: float = Field(48.0, gt=0, le=50)  # GGUF files above this are split
+
+    @field_validator("namespace", "basename")
+    @classmethod
+    def _repo_part(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][\w.-]*$", value):
+            raise ValueError(f"must be letters, digits, '-', '_' or '.' (got {value!r})")
+        return value
+
+    def repo_id(self, fmt: str) -> str:
+        return f"{self.namespace}/{self.basename}-{fmt.upper()}"
+
+    @property
+    def author(self) -> str:
+        return self.quantized_by or self.namespace
+
+
+class Calibration(Strict):
+    dataset: Literal["wikitext", "c4", "file"] = "wikitext"
+    config: str | None = None  # wikitext: wikitext-2-raw-v1 (default) or wikitext-2-v1
+    split: str = "test"
+    path: Path | None = None  # dataset: file -> a .txt or .jsonl ("text" field) file
+    samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(2048, ge=16, le=1_048_576)
+    seed: int = 0
+    held_out: float = Field(0.1, gt=0, lt=0.5)  # the end of the text kept apart for perplexity
+
+    @model_validator(mode="after")
+    def _config_and_path(self) -> "Calibration":
+        if self.dataset == "file" and self.path is None:
+            raise ValueError("dataset 'file' needs calibration.path")
+        if self.dataset != "file" and self.path is not None:
+            raise ValueError("calibration.path is only for dataset 'file'")
+        if self.dataset == "wikitext" and self.config not in (None, "wikitext-2-raw-v1", "wikitext-2-v1"):
+            raise ValueError("wikitext config must be wikitext-2-raw-v1 or wikitext-2-v1")
+        return self
+
+    @property
+    def resolved_config(self) -> str | None:
+        if self.dataset == "wikitext":
+            return self.config or "wikitext-2-raw-v1"
+        if self.dataset == "c4":
+            return self.config or "en"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "config": self.resolved_config, "split": self.split,
+                "path": str(self.path) if self.path else None, "samples": self.samples,
+                "seq_len": self.seq_len, "seed": self.seed, "held_out": self.held_out}
+
+
+class Publish(Strict):
+    target: Literal["hub", "local", "none"] = "local"
+    path: Path | None = None  # local target: where the git repositories go (default: <out>/repos)
+
+
+class CardOptions(Strict):
+    header: Path | None = None  # Markdown inserted verbatim after the front matter
+    footer: Path | None = None  # Markdown inserted verbatim before the original card
+    templates: Path | None = None  # a folder of templates overriding the built-in ones
+
+
