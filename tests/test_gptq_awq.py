@@ -276,3 +276,48 @@ def test_rerun_skips_everything_and_touches_no_file(release):
     outcomes = run_plan(plan, out, log=lambda _: None)
     assert [o.status for o in outcomes] == ["skipped"] * 3
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+FOUR_BIT_BOUND = 0.35  # relative logit error of a 4-bit group-128 variant of the tiny random model
+
+
+def _relative_logit_error(model, reference: torch.Tensor, ids: torch.Tensor) -> float:
+    """||logits - fp16 logits|| / ||fp16 logits - their mean||: 0 for the same function, ~1.4 for an unrelated one."""
+    with eager_torch(), torch.inference_mode():
+        logits = model(input_ids=ids).logits.float()
+    centered = reference - reference.mean(dim=-1, keepdim=True)
+    return float((logits - reference).norm() / centered.norm())
+
+
+@pytest.mark.slow
+def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(release, tiny_model):
+    """Quality with a bound a wrong packing or a shuffled scale cannot meet (measured, not just finite)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantize.engines.gptqmodel.verify import load_quantized
+    from quantize.formats.awq import AWQ
+
+    plan, out, _ = release
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (1, 256))
+    fp16 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = fp16(input_ids=ids).logits.float()
+    errors = {}
+    for variant in plan.variants:
+        weight_format = AWQ if variant.format == "awq" else GPTQ
+        errors[variant.id] = _relative_logit_error(load_quantized(out / variant.subdir, weight_format, variant.spec),
+                                                   reference, ids)
+    four_bit, eight_bit, awq = errors["gptq/main"], errors["gptq/gptq-8bit--1g-actorder_False"], errors["awq/main"]
+    assert eight_bit < 0.03, errors
+    assert four_bit < FOUR_BIT_BOUND and awq < FOUR_BIT_BOUND, errors  # measured 0.23 and 0.22 (random weights)
+    assert eight_bit < four_bit / 4, errors  # 4 more bits: ~16x less rounding error (measured 15x)
+
+    for tensor, dim in (("qweight", 0), ("scales", 0)):  # a packing off by one row, scales of the wrong group
+        broken = load_quantized(out / "gptq" / "main", GPTQ, plan.variants[0].spec)
+        for module in broken.modules():
+            if hasattr(module, tensor):
+                value = getattr(module, tensor)
+                value.copy_(value.roll(1, dims=dim) if value.shape[dim] > 1 else -value)
+        error = _relative_logit_error(broken, reference, ids)
+        assert error > FOUR_BIT_BOUND, (tensor, error, errors)  # measured 1.35 and 0.45: both would fail

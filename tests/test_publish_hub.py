@@ -156,3 +156,32 @@ def test_card_from_hub_on_a_repo_without_records(hub, capsys):
     HfApi(endpoint=hub.endpoint, token=hub.token).create_repo("tester/plain")
     assert main(["card", "--from-hub", "tester/plain"]) == 2
     assert "no branch of tester/plain has quantize-release.json" in capsys.readouterr().err
+
+
+def test_card_from_hub_keeps_header_footer_and_template_overrides(hub, recording, hub_recipe, tmp_path):
+    """One card path: a card regenerated from the Hub alone equals the one the release rendered locally."""
+    folder = hub_recipe.parent
+    (folder / "header.md").write_text("**Sponsored by the Test Lab.**")
+    (folder / "footer.md").write_text("_Thanks to our supporters._")
+    overrides = folder / "my-templates" / "partials"
+    overrides.mkdir(parents=True)
+    builtin = (REPO / "templates" / "partials" / "title.md.j2").read_text()
+    (overrides / "title.md.j2").write_text(builtin + "\nOUR OWN TITLE PARTIAL\n")
+    data = yaml.safe_load(hub_recipe.read_text())
+    data["card"] = {"header": "header.md", "footer": "footer.md", "templates": "my-templates"}
+    hub_recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    api.release(hub_recipe, out=out, **QUIET)
+    for repo in ("tester/Tiny-Llama-GPTQ", "tester/Tiny-Llama-GGUF"):
+        published = hub.files(repo, "main")["README.md"].decode()
+        local = (out / "cards" / repo.split("/")[1] / "README.md").read_text()
+        assert published == local
+        for text in ("**Sponsored by the Test Lab.**", "_Thanks to our supporters._", "OUR OWN TITLE PARTIAL"):
+            assert published.count(text) == 1, (repo, text)
+        hf = HfApi(endpoint=hub.endpoint, token=hub.token)
+        edited = published.replace("**Sponsored by the Test Lab.**", "edited by hand").replace("OUR OWN", "NOT OUR")
+        hf.upload_file(path_or_fileobj=edited.encode(), path_in_repo="README.md", repo_id=repo, revision="main")
+        (folder / "header.md").unlink()  # regeneration needs nothing local: the record carries it
+        assert main(["card", "--from-hub", repo]) == 0
+        assert hub.files(repo, "main")["README.md"].decode() == local
+        (folder / "header.md").write_text("**Sponsored by the Test Lab.**")

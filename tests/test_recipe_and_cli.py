@@ -162,10 +162,14 @@ def test_every_shipped_recipe_plans(recipe, smollm2_folder, capsys):
 
 def test_doctor_reports_tools_and_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QUANTIZE_LLAMA_CPP", str(tmp_path / "no-llama-here"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
     code, out, _ = run_cli(capsys, "doctor", "--json")
     facts = json.loads(out)
     assert code == 1
     assert {lib["name"] for lib in facts["libraries"]} >= {"torch", "transformers", "gptqmodel", "huggingface_hub"}
     assert facts["llama_cpp"]["found"] is False
     assert any(problem.startswith("llama.cpp:") for problem in facts["problems"])
-    assert facts["hub"]["token"] in ("found", "missing")
+    assert facts["hub"]["token"] == "missing"  # no HF_TOKEN, no stored login
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert json.loads(run_cli(capsys, "doctor", "--json")[1])["hub"]["token"] == "found"

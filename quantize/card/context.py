@@ -36,7 +36,7 @@ class CardEntry:
     description: str
     size: int | None
     produced: bool
-    files: list[str] = field(default_factory=list)  # weight files, as paths in the repo
+    files: list[str] = field(default_factory=list)  # the files, as paths in the repo
     measured: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
 
@@ -44,7 +44,7 @@ class CardEntry:
     def from_manifest(cls, manifest: Manifest) -> "CardEntry":
         return cls(manifest.variant_id, manifest.format, manifest.repo_id, manifest.branch, manifest.name,
                    manifest.requested, manifest.calibration, manifest.description, manifest.total_size, True,
-                   [manifest.repo_path(f) for f in manifest.weight_files()], manifest.measured, manifest.quality)
+                   [manifest.repo_path(f) for f in manifest.files], manifest.measured, manifest.quality)
 
     @classmethod
     def from_variant(cls, variant: Variant) -> "CardEntry":
