@@ -176,10 +176,15 @@ class ArtifactStore:
     def timings(self, artifacts: tuple[Artifact, ...]) -> dict[str, float]:
         """What the shared work behind a variant cost, as `<name>_shared` timings for its manifest."""
         found: dict[str, float] = {}
+
+        def visit(artifact: Artifact) -> None:
+            for needed in artifact.needs():
+                visit(needed)
+            if artifact.name in self._results:
+                found[f"{artifact.name}_shared"] = self._results[artifact.name].seconds
+
         for artifact in artifacts:
-            for needed in (*artifact.needs(), artifact):
-                if needed.name in self._results:
-                    found[f"{needed.name}_shared"] = self._results[needed.name].seconds
+            visit(artifact)
         return found
 
 

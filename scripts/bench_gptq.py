@@ -1,5 +1,15 @@
 #!/usr/bin/env python
-"""Benchmark GPTQ (and optionally AWQ) releases: one shared process vs the naive way.
+"""Benchmark GPTQ (and optionally AWQ) releases: one shared process vs the naive way, and
+(--sweep) shared Hessians vs GPTQModel's sequential loop.
+
+--sweep: the same permutations released twice, each in a fresh process and output folder, once
+with `hessian: shared` (one calibration pass, then one solve per permutation) and once with
+`hessian: sequential` (GPTQModel's layer-by-layer loop per permutation), both with evaluation.
+It ends with the line `sweep: shared/sequential wall ratio R, worst perplexity change P%`
+(P: the largest relative perplexity difference of a permutation between the two modes; negative
+when shared is better everywhere). --quick: 4 permutations (4-bit g32 and g64, act-order on and
+off, damp 0.1) with the demo's calibration (16 x 512); otherwise the reference card's 7 (group
+size 128 replaced by 64, which divides SmolLM2's width).
 
 "release": every variant in one `run_plan`, sharing the loaded fp16 model, the tokenized
 calibration text and the fp16 baseline. "naive": the same variants, each in a fresh process with
@@ -29,6 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 # SmolLM2-135M has hidden size 576: group sizes 64 and 32 divide it, 128 does not.
 DEFAULT_GPTQ = ["4:64:act", "4:32:noact", "8:none:act"]
+QUICK_SWEEP = ["4:32:act", "4:32:noact", "4:64:act", "4:64:noact"]
+REFERENCE_SWEEP = ["4:none:act", "4:64:act", "4:32:act", "3:64:act", "8:none:act", "3:32:act", "8:64:act"]
 
 
 def parse_gptq(spec: str) -> dict:
@@ -37,12 +49,16 @@ def parse_gptq(spec: str) -> dict:
     return {"bits": int(bits), "group_size": group, "act_order": order == "act"}
 
 
-def write_recipe(folder: Path, args) -> Path:
+def write_recipe(folder: Path, args, hessian: str | None = None) -> Path:
+    gptq = [parse_gptq(spec) for spec in args.gptq]
+    if hessian:
+        gptq = [{**entry, "damp": 0.1, "hessian": hessian} for entry in gptq]
     recipe = {
-        "source": {"path": str(Path(args.model).resolve()), "name": "SmolLM2 135M Instruct"},
+        "source": {"path": str(Path(args.model).resolve()), "name": "SmolLM2 135M Instruct",
+                   "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
         "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0},
-        "gptq": [parse_gptq(spec) for spec in args.gptq],
+        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "held_out": args.held_out},
+        "gptq": gptq,
     }
     if args.awq:
         recipe["awq"] = [{"bits": 4, "group_size": group} for group in args.awq]
@@ -111,6 +127,44 @@ def run_naive(recipe_path: Path, out: Path, variant_ids: list[str]) -> list[dict
     return rows
 
 
+def run_mode(recipe_path: Path, out: Path) -> tuple[list[dict], float, float]:
+    """A whole release in a fresh process: its rows, wall seconds and peak RSS (MB)."""
+    result = out.with_suffix(".json")
+    command = [sys.executable, __file__, "--single", "", "--recipe", str(recipe_path), "--out", str(out),
+               "--result", str(result)]
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=REPO)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.monotonic() - started
+    if status != 0:
+        raise SystemExit(f"release {recipe_path} failed (status {status})")
+    return json.loads(result.read_text()), seconds, usage.ru_maxrss / 1024
+
+
+def sweep(args, out: Path) -> dict:
+    modes = {}
+    for mode in ("shared", "sequential"):
+        recipe_path = write_recipe(out / mode, args, hessian=mode)
+        rows, seconds, rss = run_mode(recipe_path, out / mode / "out")
+        modes[mode] = {"rows": rows, "seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
+        print(f"{mode}: {seconds:.1f} s, peak RSS {rss:.0f} MB", flush=True)
+    shared, sequential = modes["shared"], modes["sequential"]
+    print("| Permutation | PPL shared | PPL sequential | change % | shared s | sequential s |")
+    print("|---|---|---|---|---|---|")
+    changes = []
+    for ours, theirs in zip(shared["rows"], sequential["rows"]):
+        change = 100 * (ours["perplexity"] / theirs["perplexity"] - 1)
+        changes.append(change)
+        print(f"| {ours['variant']} | {ours['perplexity']:.3f} | {theirs['perplexity']:.3f} | {change:+.2f} | "
+              f"{ours['seconds']} | {theirs['seconds']} |")
+    hessians = shared["rows"][0]["timings"].get(f"gptq_hessians_{args.seq_len}_shared")
+    print(f"fp16 perplexity {shared['rows'][0]['baseline_perplexity']:.3f}; Hessian capture {hessians} s; "
+          f"peak RSS shared {shared['peak_rss_mb']} MB, sequential {sequential['peak_rss_mb']} MB")
+    ratio = shared["seconds"] / sequential["seconds"]
+    print(f"sweep: shared/sequential wall ratio {ratio:.2f}, worst perplexity change {max(changes):.2f}%")
+    return {**modes, "ratio": round(ratio, 3), "worst_change_percent": round(max(changes), 3)}
+
+
 def markdown(release: list[dict], naive: list[dict], release_seconds: float) -> str:
     lines = ["| Variant | Size MB | PPL | fp16 PPL | Δ PPL % | Release s | Naive s | Release peak RSS MB | Naive peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -132,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--gptq", nargs="+", default=DEFAULT_GPTQ, help="bits:group:act|noact, e.g. 4:64:act")
     parser.add_argument("--awq", nargs="*", type=int, default=[], help="AWQ group sizes to add (slow on CPU)")
+    parser.add_argument("--held-out", type=float, default=0.1, help="evaluation share of the text")
     parser.add_argument("--out", default=str(REPO / "build" / "bench-gptq"))
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="shared Hessians vs sequential, same permutations")
+    parser.add_argument("--quick", action="store_true", help="with --sweep: 4 permutations, 16 x 512 calibration")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one variant, for the naive runs
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -145,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("QUANTIZE_WIKITEXT_DIR", str(shared_wikitext))
     out = Path(args.out).resolve()
 
-    if args.single:
-        rows = run_release(Path(args.recipe), out, args.single)
+    if args.single is not None:
+        rows = run_release(Path(args.recipe), out, args.single or None)
         Path(args.result).write_text(json.dumps(rows))
         return 0
 
@@ -154,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if out.exists():
         shutil.rmtree(out)
+    if args.sweep:
+        if args.gptq == DEFAULT_GPTQ:
+            args.gptq = QUICK_SWEEP if args.quick else REFERENCE_SWEEP
+        if args.quick:
+            args.samples, args.held_out = 16, 0.03
+        report = sweep(args, out)
+        (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     recipe_path = write_recipe(out, args)
     started = time.monotonic()
     release = run_release(recipe_path, out / "release")

@@ -246,7 +246,7 @@ def test_manifests_record_calibration_quality_timings_and_tools(release):
     for variant in plan.variants:
         manifest = read_manifest(out, variant.id)
         assert manifest.params_digest == variant.digest and manifest.requested == variant.params
-        assert manifest.measured == {"quantize_dtype": "float32" if variant.format == "gptq" else "float16",
+        assert manifest.measured == {"quantize_dtype": "float32",
                                      "dtype": "float16"}
         assert {f.path for f in manifest.files} == {
             f"{variant.subdir}/{p.name}" for p in (out / variant.subdir).iterdir()}

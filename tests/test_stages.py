@@ -179,13 +179,23 @@ def test_the_plan_declares_the_shared_work_of_each_variant(tmp_path, write_recip
     recipe = load_recipe(write_recipe(data))
     plan = build_plan(recipe, inspect_source(recipe))
     needs = {v.id: [a.name for a in v.needs] for v in plan.variants}
-    assert needs == {"gptq/main": ["windows_128", "fp16_reference"],
-                     "gptq/gptq-8bit-128g-actorder_True": ["windows_64", "fp16_reference"],
+    assert needs == {"gptq/main": ["windows_128", "gptq_hessians_128", "fp16_reference"],
+                     "gptq/gptq-8bit-128g-actorder_True": ["windows_64", "gptq_hessians_64", "fp16_reference"],
                      "awq/main": ["windows_128", "fp16_reference"],
                      "gguf/Q4_K_M": ["gguf_convert", "gguf_imatrix", "gguf_reference"]}
-    assert list(plan.artifacts) == ["calibration_text", "tokens", "windows_128", "fp16_reference", "windows_64",
-                                    "gguf_convert", "gguf_imatrix", "gguf_reference"]
-    assert plan.working_bytes == plan.artifacts["gguf_convert"].estimated_bytes() > 0
+    assert list(plan.artifacts) == ["calibration_text", "tokens", "windows_128", "gptq_hessians_128", "fp16_reference",
+                                    "windows_64", "gptq_hessians_64", "gguf_convert", "gguf_imatrix", "gguf_reference"]
+    # per layer, float32: 3 inputs of width 256 (attention in, attention out, MLP in) and one of 512
+    assert plan.artifacts["gptq_hessians_128"].estimated_bytes() == 2 * (3 * 256 ** 2 + 512 ** 2) * 4
+    assert plan.working_bytes == sum(plan.artifacts[name].estimated_bytes()
+                                     for name in ("gguf_convert", "gptq_hessians_128", "gptq_hessians_64"))
+
+
+def test_sequential_gptq_needs_no_hessians(tmp_path, write_recipe):
+    data = tiny_recipe(_model(tmp_path / "model"), gptq=[{"bits": 4, "hessian": "sequential"}])
+    recipe = load_recipe(write_recipe(data))
+    (variant,) = build_plan(recipe, inspect_source(recipe)).variants
+    assert [a.name for a in variant.needs] == ["windows_128", "fp16_reference"]
 
 
 # --- a new format is one module and one template --------------------------------------------

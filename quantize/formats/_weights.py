@@ -126,8 +126,13 @@ class WeightFormatPlugin(Format):
                 id=f"{self.name}/{branch}", format=self.name, repo_id=repo_id, branch=branch, name=branch,
                 spec=spec, calibration=calib, description=spec.description or spec.default_description(),
                 estimated_bytes=weight_bytes(source.facts, spec.bits, spec.group_size),
-                subdir=self.output_subdir(branch), source_identity=source.identity, needs=(windows, reference)))
+                subdir=self.output_subdir(branch), source_identity=source.identity,
+                needs=(windows, *self.shared_work(spec, windows, source), reference)))
         return variants
+
+    def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel") -> tuple:
+        """Artifacts besides the windows and the fp16 reference that a permutation is made from."""
+        return ()
 
     def method(self, variant: Variant) -> str:
         return self.title

@@ -7,10 +7,11 @@ group-aware reordering is off, so every loader that reads GPTQ folders runs them
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator
 
+from ..engines.gptqmodel.hessians import GPTQHessians, hessian_bytes
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import GPTQ_BITS, exllama_compatible, gptq_branch_name, gptq_default_description
 from ..schema import group_size_on_disk
@@ -27,6 +28,9 @@ class GPTQVariant(WeightVariantSpec):
     act_order: bool = True
     damp: float = 0.1
     sym: bool = True
+    # shared: every permutation solves from one calibration pass over the fp16 model (its Hessians);
+    # sequential: GPTQModel's own loop, inputs from the already-quantized earlier layers
+    hessian: Literal["shared", "sequential"] = "shared"
 
     @field_validator("bits")
     @classmethod
@@ -78,8 +82,13 @@ class GPTQFormat(WeightFormatPlugin):
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, GPTQ)
 
+    def shared_work(self, spec: GPTQVariant, windows, source) -> tuple:
+        if spec.hessian != "shared":
+            return ()
+        return (GPTQHessians(windows, source.identity, hessian_bytes(source.facts.config if source.facts else None)),)
+
     def describe_more(self, spec: GPTQVariant) -> str:
-        return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}"
+        return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"
 
     def card_row(self, entry, model_type: str | None) -> dict[str, Any]:
         params = entry.params

@@ -49,36 +49,23 @@ def rewrite_configs(folder: Path, fmt: WeightFormat, spec: Any, dtype: str) -> N
     _write_json(config_path, config)
 
 
-def _source_tensors(model_path: Path) -> dict[str, Any]:
-    """The source checkpoint's tensors, opened lazily (safetensors only; {} for .bin checkpoints)."""
-    from safetensors import safe_open
+def cast_unquantized_tensors(folder: Path, dtype: str) -> None:
+    """Float tensors back to the source's dtype, scales to fp16; packed weights, zeros and indexes kept.
 
-    handles = {}
-    for shard in sorted(Path(model_path).glob("*.safetensors")):
-        handle = safe_open(str(shard), framework="pt")
-        handles.update({name: handle for name in handle.keys()})
-    return handles
-
-
-def restore_unquantized_tensors(folder: Path, model_path: Path, dtype: str) -> None:
-    """Unquantized tensors (embeddings, norms, head) back to the source's exact values and dtype.
-
-    GPTQModel saves the untouched tensors in the dtype it computed in; the release keeps
-    them as the source had them. Packed weights, zeros and indexes are kept; float scales become fp16.
+    GPTQModel saves the tensors it did not pack in the dtype it computed in (float32). fp16 and bf16
+    values survive the round trip through float32 exactly, so untouched tensors (embeddings, head)
+    come out bit-identical to the source, and tensors the algorithm changed (AWQ scales the norms
+    in front of the layers it quantizes) keep their new values.
     """
     import torch
     from safetensors.torch import load_file, save_file
 
     target = getattr(torch, dtype)
-    source = _source_tensors(model_path)
     for shard in sorted(folder.glob("*.safetensors")):
         tensors = load_file(str(shard))
         for name, tensor in tensors.items():
-            if name in source and tuple(source[name].get_slice(name).get_shape()) == tuple(tensor.shape):
-                tensors[name] = source[name].get_tensor(name).to(target).contiguous()
-            elif tensor.is_floating_point():
-                scale_dtype = torch.float16 if name.endswith(("scales", ".scale")) else target
-                tensors[name] = tensor.to(scale_dtype).contiguous()
+            if tensor.is_floating_point():
+                tensors[name] = tensor.to(torch.float16 if name.endswith(("scales", ".scale")) else target).contiguous()
         save_file(tensors, str(shard), metadata={"format": "pt"})
     _update_shard_index(folder)
 

@@ -34,3 +34,100 @@ def eager_torch() -> Iterator[None]:
 
     with torch._dynamo.config.patch(disable=True):
         yield
+
+
+def load_unquantized(model_path, dtype: str, quantize_config=None):
+    """The fp16 model from disk as GPTQModel's wrapper, computing in `dtype`."""
+    import torch
+
+    import_gptqmodel()
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    config = quantize_config or QuantizeConfig(bits=4, group_size=128, offload_to_disk=False)
+    return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype))
+
+
+AWQ_GRID = 20  # GPTQModel's grid of scale exponents
+
+
+def awq_best_scale(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs=None):
+    """AWQ's scale search (GPTQModel 7.6's `_compute_best_scale`), restoring the weights from real copies.
+
+    For each exponent r on a grid, scales s = x_mean^r / w_mean^(1-r) (or x_mean^r), normalised;
+    the layers' weights W become Q(W·s)/s and the block's output is compared with the fp reference.
+    """
+    import torch
+
+    with torch.inference_mode():
+        return _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs or {})
+
+
+def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs):
+    import torch
+
+    originals = {fc: fc.weight.detach().clone() for fc in linears2scale}
+    device = next(module2inspect.parameters(), x).device
+    x_mean, w_mean = x_mean.view(-1).to(device), w_mean.view(-1).to(device)
+    prev_scale = getattr(processor._scale_context, "prev_scale", None)
+    if prev_scale is not None:
+        w_mean = w_mean * float(prev_scale)
+    best = (float("inf"), None)
+    try:
+        for step in range(AWQ_GRID):
+            ratio = step / AWQ_GRID
+            if processor.duo_scaling:
+                scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            else:
+                scales = x_mean.pow(ratio).clamp(min=1e-4).view(-1)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            scales[torch.isinf(scales) | torch.isnan(scales)] = 1
+            for fc in linears2scale:
+                fc.weight.mul_(scales.view(1, -1))
+                processor._pseudo_quantize_tensor_into(fc.weight, fc.weight)
+                fc.weight.div_(scales.view(1, -1))
+            total, count = 0.0, 0
+            for reference, output in zip(processor._iter_reference_output_chunks(x, fp16_output),
+                                         processor._iter_module_forward_outputs(x, module2inspect, kwargs)):
+                limits = torch.finfo(output.dtype)
+                diff = (reference.to(output.device, output.dtype) - output.clip(limits.min, limits.max)).float()
+                total, count = total + diff.pow(2).sum().item(), count + diff.numel()
+            loss = total / max(count, 1)
+            if loss < best[0]:
+                best = (loss, scales.clone())
+            for fc in linears2scale:
+                fc.weight.copy_(originals[fc])
+    finally:
+        for fc in linears2scale:
+            fc.weight.copy_(originals[fc])
+    if best[1] is None:
+        raise RuntimeError("AWQ scale search found no finite loss")
+    return best[1].detach().cpu(), best[0]
+
+
+@contextmanager
+def awq_in_float32() -> Iterator[None]:
+    """Let GPTQModel 7.6's AWQ run in float32 (pinned version; the AWQ tests check the result).
+
+    1. Its scale search stashes each weight with `.to(float32).cpu().contiguous()` to restore it
+       after every grid point; for a weight that already is a contiguous float32 CPU tensor that is
+       the weight itself, so nothing is restored and the grid points compound (a 4-bit tiny model's
+       logit error doubles). The search is run by `awq_best_scale`, the same algorithm with copies.
+    2. It builds the packed layer with the model's dtype as its compute dtype, which its torch AWQ
+       kernel accepts only as fp16/bf16. The packed weights, scales (fp16) and zeros don't depend on
+       it, so the packed layer is made with fp16 as its compute dtype.
+    """
+    import torch
+    from gptqmodel.looper import awq_processor
+
+    search, create = awq_processor.AWQProcessor._compute_best_scale, awq_processor.create_quant_module
+
+    def create_quant_module(*args, dtype=None, **kwargs):
+        return create(*args, dtype=torch.float16 if dtype == torch.float32 else dtype, **kwargs)
+
+    awq_processor.AWQProcessor._compute_best_scale = awq_best_scale
+    awq_processor.create_quant_module = create_quant_module
+    try:
+        yield
+    finally:
+        awq_processor.AWQProcessor._compute_best_scale = search
+        awq_processor.create_quant_module = create

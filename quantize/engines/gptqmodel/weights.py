@@ -19,8 +19,9 @@ from ...errors import BadInput, WorkFailed
 from ...formats.base import Backend, Produced, Variant
 from ...manifest import package_versions
 from ...stages import Stopwatch
-from .folder import assemble_release, release_files, restore_unquantized_tensors, rewrite_configs
-from .setup import eager_torch, import_gptqmodel, supported_model_types
+from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
+from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
+from .setup import awq_in_float32, eager_torch, import_gptqmodel, load_unquantized, supported_model_types
 from .verify import check_release_folder, generate_check, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
@@ -35,6 +36,7 @@ class WeightFormat:
     quantize_backend: str  # GPTQModel BACKEND used while quantizing
     load_backend: str  # the transformers quantization backend that loads every variant on a CPU
     quantize_settings: Callable[[Any], dict[str, Any]]  # variant spec -> QuantizeConfig kwargs
+    # float32 AWQ: GPTQModel's packed AWQ layer wants a half-precision compute dtype (see setup.py)
     release_fields: Callable[[Any], dict[str, Any]]  # variant spec -> required config keys
     legacy_keys: dict[str, Any] = field(default_factory=dict)  # added to quantize_config.json
     needs_optimum: bool = False  # transformers loads it through optimum
@@ -75,12 +77,14 @@ def damp_notes(requested: float, damps: list[float]) -> list[str]:
             f"{len(damps)} modules (their Hessian was not positive definite at {requested})"]
 
 
-def needed(variant: Variant, kind: type) -> Any:
+def needed(variant: Variant, kind: type, required: bool = True) -> Any:
     """The variant's declared artifact of one kind (the plan puts them there)."""
     for artifact in variant.needs:
         if isinstance(artifact, kind):
             return artifact
-    raise WorkFailed(f"{variant.id}: the plan gives it no {kind.__name__}")
+    if required:
+        raise WorkFailed(f"{variant.id}: the plan gives it no {kind.__name__}")
+    return None
 
 
 class GPTQModelBackend(Backend):
@@ -134,9 +138,15 @@ class GPTQModelBackend(Backend):
             batch = calibration_batch(store.value(windows))
         dtype = fmt.compute_dtype(source_dtype(self.source_config))
         with clock.stage("load"):
-            model = self._load(fmt.quantize_config(spec), dtype)
-        with clock.stage("quantize"):
-            model.quantize(batch, batch_size=1, backend=fmt.quantize_backend)
+            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec))
+        hessians = needed(variant, GPTQHessians, required=False)
+        if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
+            folder = store.get(hessians).folder
+            with clock.stage("quantize"):
+                quantize_with_hessians(model, load_hessians(folder), fmt.quantize_backend)
+        else:
+            with clock.stage("quantize"), awq_in_float32():
+                model.quantize(batch, batch_size=1, backend=fmt.quantize_backend)
         damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
         with clock.stage("save"):
             self._save(model, staging, spec)
@@ -152,18 +162,11 @@ class GPTQModelBackend(Backend):
                         measured={"quantize_dtype": dtype, "dtype": source_dtype(self.source_config)},
                         notes=damp_notes(spec.damp, damps) if hasattr(spec, "damp") else [])
 
-    def _load(self, quantize_config, dtype: str):
-        """The unquantized model from disk, in the dtype GPTQModel computes in."""
-        import torch
-        from gptqmodel import GPTQModel
-
-        return GPTQModel.load(str(self.context.model_path), quantize_config, dtype=getattr(torch, dtype))
-
     def _save(self, model, staging: Path, spec: Any) -> None:
         saved = staging / SAVE_SUBDIR
         model.save(str(saved))
         dtype = source_dtype(self.source_config)
-        restore_unquantized_tensors(saved, self.context.model_path, dtype)
+        cast_unquantized_tensors(saved, dtype)
         rewrite_configs(saved, self.weight_format, spec, dtype)
         assemble_release(saved, staging, self.context.model_path)
 
