@@ -4,7 +4,6 @@ made from the release's calibration windows and compared with the fp16 reference
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -12,14 +11,13 @@ from pydantic import Field
 from ..calibration import CalibrationTextArtifact, TokensArtifact, WindowsArtifact
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
-from ..schema import GroupSize, Strict, group_size_label
+from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
 from .base import PRESENTATION, Format, Variant
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
     from ..source import ModelFacts, SourceModel
 
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 FLOAT_BITS = 16
 HUB = "https://huggingface.co"
 
@@ -102,8 +100,9 @@ class WeightFormatPlugin(Format):
             raise ValueError(f"{self.name}: empty list: remove the key or list at least one variant")
         seen: dict[str, int] = {}
         for index, branch in enumerate(assign_branches(self.name, section)):
-            if not BRANCH_NAME.match(branch):
-                raise ValueError(f"{self.name}[{index}].branch: {branch!r} is not a valid branch name")
+            problem = branch_name_problem(branch)
+            if problem:
+                raise ValueError(f"{self.name}[{index}].branch: not a branch name git accepts: it {problem}")
             if branch in seen:
                 raise ValueError(f"{self.name}[{index}]: branch {branch!r} is also used by {self.name}[{seen[branch]}]")
             seen[branch] = index
