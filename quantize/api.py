@@ -19,7 +19,7 @@ from .plan import Plan, build_plan
 from .publish import PublishedBranch, make_target, publish_release
 from .recipe import Recipe, load_recipe, with_model_path
 from .runner import Outcome, run_plan
-from .source import inspect_source
+from .source import inspect_source, settle_repo_id
 
 
 def load(recipe_path: str | Path, model: str | Path | None = None) -> Recipe:
@@ -31,7 +31,9 @@ def plan(recipe_path: str | Path, model: str | Path | None = None, only: list[st
          variants: list[str] | None = None) -> Plan:
     """The release's plan: every variant with repo, branch or file, parameters and estimated size."""
     recipe = load(recipe_path, model)
-    return _select(build_plan(recipe, inspect_source(recipe)), only, variants)
+    source = inspect_source(recipe)
+    recipe = settle_repo_id(recipe, source)  # the cards need the original repo: given, or named by the model
+    return _select(build_plan(recipe, source), only, variants)
 
 
 def _select(full: Plan, only: list[str] | None, variants: list[str] | None) -> Plan:
