@@ -41,10 +41,10 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """A YAML error as one line: where, and what."""
+def yaml_problem(exc: yaml.YAMLError, first_line: int = 1) -> str:
+    """A YAML error as one line: where (lines counted from `first_line`), and what."""
     mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    where = f" at line {mark.line + first_line}, column {mark.column + 1}" if mark else ""
     problem = getattr(exc, "problem", None) or "invalid YAML"
     return f"malformed YAML{where}: {problem}"
 
