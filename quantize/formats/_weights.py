@@ -140,9 +140,24 @@ class WeightFormatPlugin(Format):
         """Format-specific parameters for the plan's Parameters column."""
         return ""
 
+    # (package, the oldest version known to load these files, what it is for), for the card's requirements
+    requirements: tuple[tuple[str, str | None, str], ...] = ()
+
     def card_extras(self, entries: list) -> dict[str, Any]:
+        """Which branch users get by default and which one the examples show, and the library versions.
+
+        A repo may have no `main` variant (every branch named in the recipe) or a single one: the card
+        then names the branch there is, and says nothing about "another branch".
+        """
         branches = [e.branch for e in entries]
-        return {"example_branch": next((b for b in branches if b != "main"), branches[0] if branches else "main")}
+        default = "main" if "main" in branches else (branches[0] if branches else "main")
+        other = next((b for b in branches if b != default), None)
+        made_with = next((e.tools for e in entries if e.tools), {})
+        requirements = [{"package": package, "minimum": minimum, "made_with": made_with.get(package), "use": use}
+                        for package, minimum, use in self.requirements]
+        return {"branches": branches, "default_branch": default, "has_main": "main" in branches,
+                "other_branch": other, "example_branch": other or default, "requirements": requirements,
+                "pip_packages": " ".join(r["package"] for r in requirements)}
 
     def weight_row(self, entry: Any, model_type: str | None) -> dict[str, Any]:
         from ..card.context import dataset_cell, ppl_cell, size_cell
