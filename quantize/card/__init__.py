@@ -109,10 +109,11 @@ def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write
         text = render_card(inputs, fmt)
         repo_id = plan.repo_ids()[fmt]
         path = card_path(out_dir, repo_id)
-        if write:
-            write_atomic(path, text.encode("utf-8"))
         warnings = [f"{repo_id}: the card lacks {'; '.join(gaps)}{unreachable}"] if gaps else []
         cards.append(RenderedCard(fmt, repo_id, path, text, produced, [i for i in ids if i not in produced], warnings))
+    if write:  # only once every card rendered and passed its checks
+        for card in cards:
+            write_atomic(card.path, card.text.encode("utf-8"))
     return cards
 
 

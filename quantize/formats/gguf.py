@@ -478,6 +478,7 @@ class GGUFFormat(Format):
     one_branch_per_variant = False
     library_name = None
     location_label = "File"
+    case_insensitive_names = True  # llama.cpp's type names: q4_k_m is Q4_K_M
 
     def expand(self, recipe: "Recipe", source: "SourceModel") -> list[Variant]:
         spec: GGUFSpec = recipe.gguf
