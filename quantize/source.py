@@ -236,6 +236,8 @@ def inspect_source(recipe: Recipe) -> SourceModel:
     """Config facts of the source model; BadInput when a local folder is missing or incomplete."""
     folder = recipe.resolve(recipe.source.path)
     if folder is not None:
+        if folder.exists() and not folder.is_dir():
+            raise BadInput(f"source.path: {folder} is a file, not a model folder (give the folder holding config.json)")
         if not folder.is_dir():
             raise BadInput(f"source.path: model folder {folder} does not exist")
         if not (folder / "config.json").is_file():

@@ -155,6 +155,8 @@ CASES = [
     Case("plan-zero-heads", do(config_change(num_attention_heads=0), attr("command", "plan")), "num_attention_heads"),
     Case("model-is-a-file", lambda s: s.extra.extend(["--model", str(s.file("weights.bin", b"x"))]),
          "is a file, not a model folder"),
+    Case("source-path-is-a-file", lambda s: s.recipe["source"].update(path=str(s.file("model.bin", b"x"))),
+         "source.path: "),
     Case("model-missing", lambda s: s.extra.extend(["--model", str(s.root / "nowhere")]), "does not exist"),
     # the original card
     Case("card-front-matter-malformed", attr("readme", b"---\nlicense: [mit\n---\n# Card\n"),

@@ -482,3 +482,14 @@ def test_front_matter_problems_are_named():
         split_card("---\n- a\n---\n")
     assert split_card("---\n---\nBody").body == "Body"
     assert split_card("No front matter\n---\nx: 1\n---\n").metadata == {}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gpt2",
+                                        "starcoder2", "falcon"])
+def test_the_tied_embeddings_table_matches_transformers_defaults(model_type):
+    import inspect
+
+    mapping = pytest.importorskip("transformers.models.auto.configuration_auto").CONFIG_MAPPING
+    parameter = inspect.signature(mapping[model_type].__init__).parameters.get("tie_word_embeddings")
+    default = parameter.default if parameter is not None else True  # PretrainedConfig's own default
+    assert tied_embeddings({"model_type": model_type}) == default
