@@ -143,6 +143,8 @@ def cards(recipe_path: str | Path, out: str | Path | None = None, model: str | P
     Every card is rendered and checked before any is written."""
     full = plan(recipe_path, model)
     out_dir = output_folder(out, full.recipe)
+    if not include_planned:
+        check_cards(full, out_dir)  # every card as it will be, planned variants included: fails now, not later
     return render_cards(full, out_dir, include_planned=include_planned, write=not dry_run)
 
 
