@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .card import RenderedCard, card_assets, collect_manifests, render_cards
+from .calibration import CalibrationTextArtifact, check_available
+from .card import RenderedCard, card_assets, check_cards, collect_manifests, render_cards
 from .card.original import prompt_template
 from .errors import BadInput
 from .formats import format_names
@@ -19,7 +20,7 @@ from .plan import Plan, build_plan
 from .publish import PublishedBranch, make_target, publish_release
 from .recipe import Recipe, load_recipe, with_model_path
 from .runner import Outcome, run_plan
-from .source import inspect_source
+from .source import inspect_source, settle_repo_id
 
 
 def load(recipe_path: str | Path, model: str | Path | None = None) -> Recipe:
@@ -31,18 +32,55 @@ def plan(recipe_path: str | Path, model: str | Path | None = None, only: list[st
          variants: list[str] | None = None) -> Plan:
     """The release's plan: every variant with repo, branch or file, parameters and estimated size."""
     recipe = load(recipe_path, model)
-    return _select(build_plan(recipe, inspect_source(recipe)), only, variants)
+    source = inspect_source(recipe)
+    recipe = settle_repo_id(recipe, source)  # the cards need the original repo: given, or named by the model
+    return _select(build_plan(recipe, source), only, variants)
 
 
 def _select(full: Plan, only: list[str] | None, variants: list[str] | None) -> Plan:
     unknown = [fmt for fmt in only or [] if fmt not in format_names()]
     if unknown:
         raise BadInput(f"--only: unknown format {unknown[0]!r} (choose from {', '.join(format_names())})")
-    return full.select(only, variants) if (only or variants) else full
+    if only is not None and not only:
+        raise BadInput(f"--only: no format named (choose from {', '.join(format_names())})")
+    return full.select(only, variants) if (only or variants is not None) else full
 
 
 def default_out_dir(recipe: Recipe) -> Path:
     return Path.cwd() / "out" / recipe.release.basename
+
+
+def output_folder(out: str | Path | None, recipe: Recipe) -> Path:
+    """The release's output folder; BadInput when the path is taken by something that is not a folder."""
+    out_dir = Path(out).expanduser().resolve() if out else default_out_dir(recipe)
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise BadInput(f"--out: {path} is a file, not a folder")
+            break
+    return out_dir
+
+
+def check_before_work(full: Plan, chosen: Plan, out_dir: Path) -> list[RenderedCard]:
+    """Everything that can be checked before any work, so that a release fails at the start, not the end.
+
+    The recipe, the source config and the selection are checked by then; this adds the calibration
+    text and a full render of every card from the plan (the final cards' checks, nothing written):
+    templates, header and footer, the original card and its front matter, the prompt template.
+    """
+    for artifact in chosen.artifacts.values():
+        if isinstance(artifact, CalibrationTextArtifact):
+            check_available(artifact.calib)
+    return check_cards(full, out_dir)
+
+
+def check(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
+          variants: list[str] | None = None, model: str | Path | None = None) -> Plan:
+    """What `release --dry-run` does: the plan of this selection, after every check made before work."""
+    full = plan(recipe_path, model)
+    chosen = _select(full, only, variants)
+    check_before_work(full, chosen, output_folder(out, full.recipe))
+    return chosen
 
 
 @dataclass
@@ -81,7 +119,8 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     """Plan, produce every unfinished variant, render the cards (and publish, when asked)."""
     full = plan(recipe_path, model)  # cards describe the whole release, not only this run's selection
     chosen = _select(full, only, variants)
-    out_dir = Path(out).resolve() if out else default_out_dir(chosen.recipe)
+    out_dir = output_folder(out, full.recipe)
+    check_before_work(full, chosen, out_dir)  # local checks first (cheap), then the publishing target's
     target = make_target(full, out_dir) if publish and full.recipe.publish.target != "none" else None
     if target is not None:
         target.check(list(full.repo_ids().values()))
@@ -98,11 +137,15 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
 
 
 def cards(recipe_path: str | Path, out: str | Path | None = None, model: str | Path | None = None,
-          include_planned: bool = False) -> list[RenderedCard]:
-    """Re-render every card from the manifests in `out` (no quantization)."""
+          include_planned: bool = False, dry_run: bool = False) -> list[RenderedCard]:
+    """Re-render every card from the manifests in `out` (no quantization); `dry_run`: write nothing.
+
+    Every card is rendered and checked before any is written."""
     full = plan(recipe_path, model)
-    out_dir = Path(out).resolve() if out else default_out_dir(full.recipe)
-    return render_cards(full, out_dir, include_planned=include_planned)
+    out_dir = output_folder(out, full.recipe)
+    if not include_planned:
+        check_cards(full, out_dir)  # every card as it will be, planned variants included: fails now, not later
+    return render_cards(full, out_dir, include_planned=include_planned, write=not dry_run)
 
 
 def regenerate_hub_card(repo_id: str, dry_run: bool = False, endpoint: str | None = None,
@@ -110,5 +153,9 @@ def regenerate_hub_card(repo_id: str, dry_run: bool = False, endpoint: str | Non
     """Re-render a published repo's card from the Hub alone; push README.md to every branch."""
     from .publish.hub import HubTarget
     from .publish.regenerate import HubCardRegenerator
+    from .schema import hub_id_problem
 
+    problem = hub_id_problem(repo_id)
+    if problem:
+        raise BadInput(f"card --from-hub: {repo_id!r} is not a Hub repo id: {problem}")
     return HubCardRegenerator(HubTarget(endpoint=endpoint, token=token), log).regenerate(repo_id, dry_run)

@@ -125,6 +125,29 @@ def _file_rows(path: Path) -> tuple[list[str], str]:
     return rows, str(path)
 
 
+def check_available(calib: Calibration) -> None:
+    """BadInput, before any work, when the calibration text can't be had (`calib.path` resolved):
+    a missing file, or no local wikitext and no `datasets` package to fetch it."""
+    import importlib.util
+
+    if calib.dataset == "file":
+        if calib.path is None or not calib.path.exists():
+            raise BadInput(f"calibration.path: {calib.path} does not exist")
+        if not calib.path.is_file():
+            raise BadInput(f"calibration.path: {calib.path} is not a file")
+        if not os.access(calib.path, os.R_OK):
+            raise BadInput(f"calibration.path: {calib.path} cannot be read")
+        return
+    if calib.dataset == "wikitext" and _local_wikitext(calib.resolved_config, calib.split) is not None:
+        return
+    if calib.dataset == "wikitext" and (calib.resolved_config, calib.split) not in _WIKITEXT_FILES:
+        raise BadInput(f"calibration.split: wikitext has no split {calib.split!r} (train, validation or test)")
+    if importlib.util.find_spec("datasets") is None:
+        where = f"no local copy of wikitext {calib.resolved_config}/{calib.split} (set {WIKITEXT_ENV})" \
+            if calib.dataset == "wikitext" else f"dataset {calib.dataset} is read from the Hub"
+        raise BadInput(f"calibration: {where} and the `datasets` package is not installed")
+
+
 def load_texts(calib: Calibration) -> CalibrationText:
     """The calibration text and its held-out evaluation part (`calib.path` already resolved)."""
     config = calib.resolved_config

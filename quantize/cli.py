@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     card.add_argument("recipe", type=Path, nargs="?", help="the recipe (not with --from-hub)")
     card.add_argument("--from-hub", metavar="REPO_ID",
                       help="re-render a published repo's card from the Hub and push README.md to every branch")
-    card.add_argument("--dry-run", action="store_true", help="with --from-hub: show the diff, push nothing")
+    card.add_argument("--dry-run", action="store_true",
+                      help="show what would change (a diff per card), write or push nothing")
     card.add_argument("--out", type=Path, help="the release's output folder (default: ./out/<basename>)")
     card.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
     card.add_argument("--planned", action="store_true",
@@ -116,8 +117,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_release(args) -> int:
-    if args.dry_run:
-        plan = api.plan(args.recipe, args.model, args.only, args.variants)
+    if args.dry_run:  # the plan, after every check a real run makes before its work
+        plan = api.check(args.recipe, args.out, args.only, args.variants, args.model)
         print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
         return 0
     progress = ReleaseProgress(err)
@@ -152,6 +153,8 @@ def _print_summary(result: api.ReleaseResult) -> None:
     out.print(table)
     for card in result.cards:
         out.print(f"card: {card.path}")
+        for warning in card.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def cmd_card(args) -> int:
@@ -167,17 +170,39 @@ def cmd_card(args) -> int:
         return 0
     if args.recipe is None:
         raise BadInput("card: give a RECIPE, or --from-hub REPO_ID")
-    cards = api.cards(args.recipe, args.out, args.model, include_planned=args.planned)
+    cards = api.cards(args.recipe, args.out, args.model, include_planned=args.planned, dry_run=args.dry_run)
     if not cards:
         err.print("[yellow]warning:[/] no variant has been produced yet: no card rendered "
                   "(run `quantize release` first, or `--planned` for a preview)")
         return 0
     for card in cards:
-        out.print(f"{card.repo_id}: {card.path}")
+        if args.dry_run:
+            _print_card_diff(card)
+        else:
+            out.print(f"{card.repo_id}: {card.path}")
         if card.missing and not args.planned:
             err.print(f"[yellow]warning:[/] {card.repo_id}: {len(card.missing)} planned variant(s) not produced "
                       f"yet and left out: {', '.join(card.missing)}")
+        for warning in card.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}")
     return 0
+
+
+def _print_card_diff(card) -> None:
+    """`card RECIPE --dry-run`: the diff against the card on disk, and what would happen; nothing is written."""
+    import difflib
+
+    try:
+        current = card.path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        current = None
+    diff = "".join(difflib.unified_diff((current or "").splitlines(True), card.text.splitlines(True),
+                                        f"{card.path} (on disk)" if current is not None else "/dev/null",
+                                        f"{card.path} (new)"))
+    if diff:
+        out.print(diff, markup=False, end="" if diff.endswith("\n") else "\n")
+    state = "new" if current is None else ("changed" if current != card.text else "unchanged")
+    err.print(f"{card.repo_id}: {escape(str(card.path))} {state} (dry run: not written)")
 
 
 def cmd_doctor(args) -> int:

@@ -71,11 +71,33 @@ class Plan:
         total = self.estimated_total()
         return None if total is None else total + (self.working_bytes or 0)
 
+    def matching(self, name: str) -> list[Variant]:
+        """The variants `name` means: an id, a branch, a GGUF type or a file name (GGUF types in any case)."""
+        exact = [v for v in self.variants if name in (v.id, v.name, v.file_name)]
+        if exact:
+            return exact
+        folded = name.casefold()
+        return [v for v in self.variants if get_format(v.format).case_insensitive_names
+                and folded in (v.id.casefold(), v.name.casefold(), (v.file_name or "").casefold())]
+
     def select(self, formats: list[str] | None = None, names: list[str] | None = None) -> "Plan":
-        """The plan restricted to some formats and/or variants (by id, branch or GGUF type)."""
+        """The plan restricted to some formats and/or variants (by id, branch or GGUF type).
+
+        BadInput naming any name that matches no variant (rather than silently ignoring it)."""
+        wanted: set[str] | None = None
+        if names is not None:
+            if not names:
+                raise BadInput("--variants: no variant named (give ids, branches or GGUF types, comma separated)")
+            wanted = set()
+            for name in names:
+                found = self.matching(name)
+                if not found:
+                    known = [v.id for v in self.variants]
+                    shown = ", ".join(known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+                    raise BadInput(f"--variants: {name!r} is not a variant of this release (known: {shown})")
+                wanted.update(v.id for v in found)
         chosen = [v for v in self.variants
-                  if (not formats or v.format in formats)
-                  and (not names or v.id in names or v.name in names or (v.file_name in names))]
+                  if (not formats or v.format in formats) and (wanted is None or v.id in wanted)]
         if not chosen:
             raise BadInput("the selection matches no variant of the recipe")
         return Plan(self.recipe, self.source, chosen, list(self.warnings))

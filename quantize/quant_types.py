@@ -13,45 +13,145 @@ GB = 1_000_000_000  # Hub and card sizes are decimal gigabytes ("17.69 GB")
 RAM_OVERHEAD_BYTES = int(2.5 * GB)  # "Max RAM required" = file size + 2.50 GB, no GPU offloading
 
 
+# --- GGUF --------------------------------------------------------------------------------------
+
+QK_K = 256  # weights per k-quant super-block
+
+# Block formats as gguf-py's GGML_QUANT_SIZES writes them: (weights per block, bytes per block).
+# Bits per weight follow from the layout: bytes * 8 / weights (Q2_K: 84 bytes for 256 weights = 2.625).
+BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
+    "F16": (1, 2), "BF16": (1, 2),
+    "Q4_0": (32, 2 + 16), "Q4_1": (32, 2 + 2 + 16), "Q5_0": (32, 2 + 4 + 16), "Q5_1": (32, 2 + 2 + 4 + 16),
+    "Q8_0": (32, 2 + 32),
+    "Q2_K": (256, 2 + 2 + QK_K // 16 + QK_K // 4),
+    "Q3_K": (256, 2 + QK_K // 4 + QK_K // 8 + 12),
+    "Q4_K": (256, 2 + 2 + QK_K // 2 + 12),
+    "Q5_K": (256, 2 + 2 + QK_K // 2 + QK_K // 8 + 12),
+    "Q6_K": (256, 2 + QK_K // 2 + QK_K // 4 + QK_K // 16),
+    "Q8_K": (256, 4 + QK_K + QK_K // 8),
+    "IQ1_S": (256, 2 + QK_K // 8 + QK_K // 16),
+    "IQ1_M": (256, QK_K // 8 + QK_K // 16 + QK_K // 32),
+    "IQ2_XXS": (256, 2 + QK_K // 4),
+    "IQ2_XS": (256, 2 + QK_K // 4 + QK_K // 32),
+    "IQ2_S": (256, 2 + QK_K // 4 + QK_K // 16),
+    "IQ3_XXS": (256, 2 + QK_K // 4 + QK_K // 8),
+    "IQ3_S": (256, 2 + QK_K // 4 + QK_K // 8 + QK_K // 32 + 4),
+    "IQ4_NL": (32, 2 + 16),
+    "IQ4_XS": (256, 2 + 2 + QK_K // 2 + QK_K // 64),
+}
+
+
+def block_bpw(block: str) -> float:
+    """Bits per weight of one block format, from its layout."""
+    weights, size = BLOCK_LAYOUTS[block]
+    return size * 8 / weights
+
+
+# The tensors llama-quantize gives another format than a file type's main one, as shares of a
+# Llama-7B-shaped model's weights (llama.cpp's llama_tensor_get_type rules). The output head is
+# about 2%, attn_v and attn_output 8% each, ffn_down 21%.
+OUTPUT, ATTN_V, ATTN_OUTPUT, FFN_DOWN = 0.02, 0.08, 0.08, 0.21
+ROLE_NAMES = {OUTPUT: "the output tensor", ATTN_V: "attn_v", ATTN_OUTPUT: "attn_output", FFN_DOWN: "ffn_down"}
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Some tensors of a file type in another block format."""
+
+    block: str
+    share: float  # of all weights
+    which: str  # how the card says which tensors
+
+
 @dataclass(frozen=True)
 class GGUFType:
     name: str  # as llama-quantize spells it, e.g. "Q4_K_M"
     bits: int  # the nominal bit width shown in the card's "Bits" column
-    bpw: float  # typical bits per weight of a whole file (llama.cpp's own figures, rounded)
-    method: str  # "k-quant", "legacy" or "i-quant"
-    use_case: str
+    method: str  # "k-quant", "legacy", "i-quant" or "float"
+    block: str  # the block format most tensors use
+    quality: str  # size and quality, for the card's "Use case" column
+    mix: tuple[Mix, ...] = ()  # tensors in other formats
     needs_imatrix: bool = False
 
+    @property
+    def bpw(self) -> float:
+        """Typical bits per weight of a whole file: the block formats weighted by the tensors using them."""
+        rest = 1.0 - sum(m.share for m in self.mix)
+        return round(rest * block_bpw(self.block) + sum(m.share * block_bpw(m.block) for m in self.mix), 4)
 
+    @property
+    def composition(self) -> str:
+        if self.method == "float":
+            return f"Every tensor in {self.block}."
+        if not self.mix:
+            return f"GGML_TYPE_{self.block} for every tensor."
+        by_block: dict[str, list[str]] = {}
+        for m in self.mix:
+            by_block.setdefault(m.block, []).append(m.which)
+        others = "; ".join(f"GGML_TYPE_{block} for {' and '.join(which)}" for block, which in by_block.items())
+        return f"{others}; GGML_TYPE_{self.block} for the rest."
+
+    @property
+    def use_case(self) -> str:
+        return f"{self.quality}. {self.composition}"
+
+
+def _out(block: str = "Q6_K") -> Mix:
+    return Mix(block, OUTPUT, ROLE_NAMES[OUTPUT])
+
+
+_HALF_V_DOWN = (ATTN_V + FFN_DOWN) / 2
 _TYPES = [
-    GGUFType("IQ1_S", 1, 1.56, "i-quant", "extremely small, extreme quality loss; needs an importance matrix", True),
-    GGUFType("IQ1_M", 1, 1.75, "i-quant", "extremely small, extreme quality loss; needs an importance matrix", True),
-    GGUFType("IQ2_XXS", 2, 2.06, "i-quant", "tiny, very high quality loss; for very low memory only", True),
-    GGUFType("IQ2_XS", 2, 2.31, "i-quant", "tiny, very high quality loss; for very low memory only", True),
-    GGUFType("IQ2_S", 2, 2.50, "i-quant", "tiny, high quality loss", True),
-    GGUFType("IQ2_M", 2, 2.70, "i-quant", "very small, high quality loss; best of the 2-bit types", True),
-    GGUFType("Q2_K", 2, 2.96, "k-quant", "smallest k-quant, significant quality loss; not for most uses"),
-    GGUFType("IQ3_XXS", 3, 3.06, "i-quant", "very small, high quality loss", True),
-    GGUFType("IQ3_XS", 3, 3.30, "i-quant", "very small, high quality loss", True),
-    GGUFType("IQ3_S", 3, 3.44, "i-quant", "small, high quality loss; better than Q3_K_S at the same size", True),
-    GGUFType("Q3_K_S", 3, 3.50, "k-quant", "very small, high quality loss"),
-    GGUFType("IQ3_M", 3, 3.66, "i-quant", "small, substantial quality loss; better than Q3_K_M at its size", True),
-    GGUFType("Q3_K_M", 3, 3.91, "k-quant", "very small, high quality loss"),
-    GGUFType("Q3_K_L", 3, 4.27, "k-quant", "small, substantial quality loss"),
-    GGUFType("IQ4_XS", 4, 4.25, "i-quant", "small, good quality for its size", True),
-    GGUFType("IQ4_NL", 4, 4.50, "i-quant", "small, good quality; non-linear 4-bit", True),
-    GGUFType("Q4_0", 4, 4.55, "legacy", "legacy 4-bit; small, very high quality loss - prefer Q4_K_M"),
-    GGUFType("Q4_1", 4, 5.00, "legacy", "legacy 4-bit; a little more accurate than Q4_0 - prefer Q4_K_M"),
-    GGUFType("Q4_K_S", 4, 4.58, "k-quant", "small, greater quality loss"),
-    GGUFType("Q4_K_M", 4, 4.85, "k-quant", "medium, balanced quality - recommended"),
-    GGUFType("Q5_0", 5, 5.54, "legacy", "legacy 5-bit; medium, balanced quality - prefer Q4_K_M"),
-    GGUFType("Q5_1", 5, 6.00, "legacy", "legacy 5-bit; a little more accurate than Q5_0 - prefer Q5_K_M"),
-    GGUFType("Q5_K_S", 5, 5.54, "k-quant", "large, low quality loss - recommended"),
-    GGUFType("Q5_K_M", 5, 5.69, "k-quant", "large, very low quality loss - recommended"),
-    GGUFType("Q6_K", 6, 6.59, "k-quant", "very large, extremely low quality loss"),
-    GGUFType("Q8_0", 8, 8.50, "legacy", "very large, extremely low quality loss - not recommended for most uses"),
-    GGUFType("F16", 16, 16.0, "float", "unquantized half precision; the source every other file is made from"),
-    GGUFType("BF16", 16, 16.0, "float", "unquantized bfloat16; the source every other file is made from"),
+    GGUFType("IQ1_S", 1, "i-quant", "IQ1_S", "The smallest file; extreme quality loss, for experiments only",
+             (_out("Q5_K"),), True),
+    GGUFType("IQ1_M", 1, "i-quant", "IQ1_M", "Extremely small, extreme quality loss; a little better than IQ1_S",
+             (_out("Q5_K"),), True),
+    GGUFType("IQ2_XXS", 2, "i-quant", "IQ2_XXS", "Tiny, very high quality loss; when nothing bigger fits",
+             (_out("Q5_K"),), True),
+    GGUFType("IQ2_XS", 2, "i-quant", "IQ2_XS", "Tiny, very high quality loss; slightly better than IQ2_XXS",
+             (_out("Q5_K"),), True),
+    GGUFType("IQ2_S", 2, "i-quant", "IQ2_S", "Tiny, high quality loss", (_out("Q5_K"),), True),
+    GGUFType("IQ2_M", 2, "i-quant", "IQ2_S", "Very small, high quality loss; the best 2-bit type",
+             (_out("Q5_K"), Mix("IQ3_S", ATTN_V, "attn_v")), True),
+    GGUFType("Q2_K", 2, "k-quant", "Q2_K", "The smallest k-quant; significant quality loss, not for most uses",
+             (_out(), Mix("Q3_K", ATTN_V + ATTN_OUTPUT + FFN_DOWN, "attn_v, attn_output and ffn_down"))),
+    GGUFType("IQ3_XXS", 3, "i-quant", "IQ3_XXS", "Very small, high quality loss; better than Q2_K at a similar size",
+             (_out("Q5_K"),), True),
+    GGUFType("IQ3_XS", 3, "i-quant", "IQ3_XXS", "Very small, high quality loss; better than Q3_K_S",
+             (_out("Q5_K"), Mix("IQ3_S", ATTN_V + FFN_DOWN, "attn_v and ffn_down")), True),
+    GGUFType("IQ3_S", 3, "i-quant", "IQ3_S", "Small, substantial quality loss; better than Q3_K_S at the same size",
+             (_out("Q5_K"),), True),
+    GGUFType("Q3_K_S", 3, "k-quant", "Q3_K", "Very small, high quality loss", (_out(),)),
+    GGUFType("IQ3_M", 3, "i-quant", "IQ3_S", "Small, substantial quality loss; better than Q3_K_M at its size",
+             (_out("Q5_K"), Mix("Q4_K", ATTN_V, "attn_v")), True),
+    GGUFType("Q3_K_M", 3, "k-quant", "Q3_K", "Very small, high quality loss; better than Q3_K_S",
+             (_out(), Mix("Q4_K", ATTN_V + ATTN_OUTPUT + FFN_DOWN / 2, "attn_v, attn_output and half of ffn_down"),
+              Mix("Q5_K", FFN_DOWN / 2, "the other half of ffn_down"))),
+    GGUFType("Q3_K_L", 3, "k-quant", "Q3_K", "Small, substantial quality loss; the best 3-bit k-quant",
+             (_out(), Mix("Q5_K", ATTN_V + ATTN_OUTPUT + FFN_DOWN, "attn_v, attn_output and ffn_down"))),
+    GGUFType("IQ4_XS", 4, "i-quant", "IQ4_XS", "Small, good quality for its size; close to Q4_K_S, smaller",
+             (_out(),), True),
+    GGUFType("IQ4_NL", 4, "i-quant", "IQ4_NL", "Small, good quality; non-linear 4-bit in blocks of 32",
+             (_out(),), True),
+    GGUFType("Q4_0", 4, "legacy", "Q4_0", "Legacy 4-bit; small, very high quality loss - prefer Q4_K_M", (_out(),)),
+    GGUFType("Q4_1", 4, "legacy", "Q4_1",
+             "Legacy 4-bit; more accurate than Q4_0, not as accurate as Q5_0, faster than the 5-bit types",
+             (_out(),)),
+    GGUFType("Q4_K_S", 4, "k-quant", "Q4_K", "Small, greater quality loss than Q4_K_M",
+             (_out(), Mix("Q5_K", FFN_DOWN / 8, "the first layers' ffn_down"))),
+    GGUFType("Q4_K_M", 4, "k-quant", "Q4_K", "Medium, balanced quality - recommended",
+             (_out(), Mix("Q6_K", _HALF_V_DOWN, "half of attn_v and ffn_down"))),
+    GGUFType("Q5_0", 5, "legacy", "Q5_0", "Legacy 5-bit; medium, balanced quality - prefer Q4_K_M", (_out(),)),
+    GGUFType("Q5_1", 5, "legacy", "Q5_1", "Legacy 5-bit; more accurate than Q5_0, larger and slower - prefer Q5_K_M",
+             (_out(),)),
+    GGUFType("Q5_K_S", 5, "k-quant", "Q5_K", "Large, low quality loss - recommended", (_out(),)),
+    GGUFType("Q5_K_M", 5, "k-quant", "Q5_K", "Large, very low quality loss - recommended",
+             (_out(), Mix("Q6_K", _HALF_V_DOWN, "half of attn_v and ffn_down"))),
+    GGUFType("Q6_K", 6, "k-quant", "Q6_K", "Very large, extremely low quality loss"),
+    GGUFType("Q8_0", 8, "legacy", "Q8_0",
+             "Very large, almost indistinguishable from float16; high resource use - not recommended for most uses"),
+    GGUFType("F16", 16, "float", "F16", "Unquantised half precision; the file every other type is made from"),
+    GGUFType("BF16", 16, "float", "BF16", "Unquantised bfloat16; the file every other type is made from"),
 ]
 
 GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in _TYPES}
@@ -60,18 +160,24 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in _TYPES}
 GGUF_LADDER = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M",
                "Q5_0", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
 
-# What the card's k-quant explanation says about each block format (llama.cpp's definitions).
-K_QUANT_BLOCKS = [
-    ("GGML_TYPE_Q2_K", '"type-1" 2-bit quantization in super-blocks of 16 blocks of 16 weights; '
-     "block scales and mins quantized with 4 bits: 2.5625 bits per weight (bpw)"),
-    ("GGML_TYPE_Q3_K", '"type-0" 3-bit quantization in super-blocks of 16 blocks of 16 weights; '
-     "scales quantized with 6 bits: 3.4375 bpw"),
-    ("GGML_TYPE_Q4_K", '"type-1" 4-bit quantization in super-blocks of 8 blocks of 32 weights; '
-     "scales and mins quantized with 6 bits: 4.5 bpw"),
-    ("GGML_TYPE_Q5_K", '"type-1" 5-bit quantization, same super-block structure as GGML_TYPE_Q4_K: 5.5 bpw'),
-    ("GGML_TYPE_Q6_K", '"type-0" 6-bit quantization in super-blocks of 16 blocks of 16 weights; '
-     "scales quantized with 8 bits: 6.5625 bpw"),
+# The k-quant block formats the card explains: (block, "type-0"/"type-1", bits, blocks per super-block,
+# weights per block, bits of the block scales (and mins)). Bits per weight come from BLOCK_LAYOUTS.
+_K_QUANT_FORMATS = [
+    ("Q2_K", "type-1", 2, 16, 16, "block scales and mins quantized with 4 bits"),
+    ("Q3_K", "type-0", 3, 16, 16, "scales quantized with 6 bits"),
+    ("Q4_K", "type-1", 4, 8, 32, "scales and mins quantized with 6 bits"),
+    ("Q5_K", "type-1", 5, 8, 32, "scales and mins quantized with 6 bits"),
+    ("Q6_K", "type-0", 6, 16, 16, "scales quantized with 8 bits"),
 ]
+
+
+def _k_quant_text(block: str, kind: str, bits: int, blocks: int, weights: int, scales: str) -> str:
+    return (f'"{kind}" {bits}-bit quantization in super-blocks of {blocks} blocks of {weights} weights; '
+            f"{scales}: {block_bpw(block):g} bits per weight (bpw)")
+
+
+# What the card's k-quant explanation says about each block format (llama.cpp's definitions).
+K_QUANT_BLOCKS = [(f"GGML_TYPE_{row[0]}", _k_quant_text(*row)) for row in _K_QUANT_FORMATS]
 
 
 def gguf_type(name: str) -> GGUFType:

@@ -18,7 +18,35 @@ from .errors import BadInput
 from .formats import all_formats
 from .schema import HUB_ID, Calibration, CardOptions, Publish, Release, Source, Strict
 
-__all__ = ["Recipe", "HUB_ID", "load_recipe", "parse_recipe", "with_model_path"]
+__all__ = ["Recipe", "HUB_ID", "StrictLoader", "load_recipe", "parse_recipe", "with_model_path", "yaml_problem"]
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (else the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(exc: yaml.YAMLError, first_line: int = 1) -> str:
+    """A YAML error as one line: where (lines counted from `first_line`), and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + first_line}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    return f"malformed YAML{where}: {problem}"
 
 
 class RecipeBase(Strict):
@@ -33,6 +61,9 @@ class RecipeBase(Strict):
     def _format_sections(self) -> "RecipeBase":
         for plugin in all_formats():
             plugin.check_section(getattr(self, plugin.name))
+            problem = self.release.repo_problem(plugin.title) if getattr(self, plugin.name) is not None else None
+            if problem:
+                raise ValueError(f"release.basename: {problem}")
         if not self.formats():
             names = [f.name for f in all_formats()]
             raise ValueError(f"the recipe lists no variants: add {', '.join(names[:-1])} or {names[-1]}")
@@ -85,23 +116,30 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; any problem is a BadInput naming the field."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise BadInput(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path}: is a folder, not a recipe file") from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path}: the recipe is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                       f"at offset {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise BadInput(f"{path}: malformed YAML{where}: {problem}") from None
+        raise BadInput(f"{path}: {yaml_problem(exc)}") from None
     return parse_recipe(data, path.parent.resolve(), str(path))
 
 
 def with_model_path(recipe: Recipe, model_path: str | Path) -> Recipe:
     """The recipe with its source replaced by a local folder (`--model`, e.g. right after training)."""
-    source = recipe.source.model_copy(update={"path": Path(model_path).resolve(), "hub": None,
+    folder = Path(model_path).expanduser()
+    if not folder.exists():
+        raise BadInput(f"--model: {folder} does not exist")
+    if not folder.is_dir():
+        raise BadInput(f"--model: {folder} is a file, not a model folder (give the folder holding config.json)")
+    source = recipe.source.model_copy(update={"path": folder.resolve(), "hub": None,
                                               "repo_id": recipe.source.base_model})
     return recipe.model_copy(update={"source": source})

@@ -12,7 +12,107 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+BRANCH_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")  # our own branches: one path component, no odd characters
+HUB_NAME_MAX = 96  # the Hub's limit on a repo name (and a namespace)
+COMMIT_SHA = re.compile(r"^[0-9a-f]{7,64}$")
+
+
+# --- names as the Hub and git check them ---------------------------------------------------------
+
+def hub_name_problem(part: str) -> str | None:
+    """Why the Hub would refuse `part` as a namespace or repo name (huggingface_hub's rules), or None."""
+    if not part:
+        return "is empty"
+    if len(part) > HUB_NAME_MAX:
+        return f"is {len(part)} characters long; the Hub allows at most {HUB_NAME_MAX}"
+    if not re.fullmatch(r"[\w.-]+", part, re.ASCII):
+        return f"may only hold letters, digits, '-', '_' and '.' (got {part!r})"
+    if not (part[0].isalnum() and part[-1].isalnum()):
+        return f"must start and end with a letter or digit (got {part!r})"
+    if "--" in part or ".." in part:
+        return f"cannot contain '--' or '..' (got {part!r})"
+    if part.endswith(".git"):
+        return f"cannot end with '.git' (got {part!r})"
+    return None
+
+
+def hub_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub model id `namespace/name` the Hub accepts, or None."""
+    parts = repo_id.split("/")
+    if len(parts) != 2:
+        return f"must be namespace/name (got {repo_id!r})"
+    for what, part in zip(("namespace", "name"), parts):
+        problem = hub_name_problem(part)
+        if problem:
+            return f"{what} {problem}"
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # the library's own check, should its rules ever be stricter than ours
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def ref_name_problem(name: str, allow_slash: bool = False) -> str | None:
+    """Why git would refuse `name` as a branch (`git check-ref-format --branch`), or None.
+
+    The rules of git-check-ref-format(1): no component starting with '.' or ending with '.lock',
+    no '..', no control characters, space, '~', '^', ':', '?', '*', '[' or '\\', not starting
+    with '-', not ending with '/' or '.', no '//', no '@{', not '@'.
+    """
+    if not name:
+        return "is empty"
+    if name == "@":
+        return "cannot be '@'"
+    if name.startswith("-"):
+        return f"cannot start with '-' (got {name!r})"
+    bad = sorted({c for c in name if ord(c) < 0x20 or ord(c) == 0x7F or c in " ~^:?*[\\"})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        return f"cannot contain {shown} (got {name!r})"
+    if ".." in name:
+        return f"cannot contain '..' (got {name!r})"
+    if "@{" in name:
+        return f"cannot contain '@{{' (got {name!r})"
+    if not allow_slash and "/" in name:
+        return f"cannot contain '/' (got {name!r})"
+    if name.startswith("/") or name.endswith("/") or "//" in name:
+        return f"cannot start or end with '/' or contain '//' (got {name!r})"
+    if name.endswith("."):
+        return f"cannot end with '.' (got {name!r})"
+    for component in name.split("/"):
+        if component.startswith("."):
+            return f"cannot have a part starting with '.' (got {name!r})"
+        if component.endswith(".lock"):
+            return f"cannot have a part ending with '.lock' (got {name!r})"
+    return None
+
+
+def branch_name_problem(name: str) -> str | None:
+    """Why `name` can't be one of our branches: git's rules, and one plain path component."""
+    problem = ref_name_problem(name)
+    if problem:
+        return problem
+    if not BRANCH_NAME.match(name):
+        return f"may only hold letters, digits, '-', '_' and '.', starting with a letter or digit (got {name!r})"
+    return None
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a plain http(s) link a card can show, or None."""
+    from urllib.parse import urlsplit
+
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return f"cannot contain spaces or control characters (got {url!r})"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return f"must be an http:// or https:// address (got {url!r})"
+    return None
 
 
 def _group_size(value: Any) -> Any:
@@ -58,12 +158,34 @@ class Source(Strict):
     prompt_template_name: str | None = None
     card: Path | None = None  # the original model card; defaults to README.md of the model
 
+    @field_validator("hub", "repo_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        problem = hub_id_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(f"not a Hub model id: {problem}")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        problem = None if COMMIT_SHA.match(value) else ref_name_problem(value, allow_slash=True)
+        if problem:
+            raise ValueError(f"not a branch, tag or commit git accepts: {problem}")
+        return value
+
+    @field_validator("creator_url")
+    @classmethod
+    def _creator_url(cls, value: str | None) -> str | None:
+        problem = url_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _one_location(self) -> "Source":
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of source.path (local folder) or source.hub (Hub id)")
-        if self.hub is not None and not HUB_ID.match(self.hub):
-            raise ValueError(f"source.hub must look like owner/name (got {self.hub!r})")
         return self
 
     @property
@@ -88,9 +210,15 @@ class Release(Strict):
     @field_validator("namespace", "basename")
     @classmethod
     def _repo_part(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][\w.-]*$", value):
-            raise ValueError(f"must be letters, digits, '-', '_' or '.' (got {value!r})")
+        problem = hub_name_problem(value)
+        if problem:
+            raise ValueError(f"the Hub refuses this name: it {problem}")
         return value
+
+    def repo_problem(self, fmt: str) -> str | None:
+        """Why the Hub would refuse the repo of format `fmt` (e.g. a basename too long for "-GPTQ")."""
+        problem = hub_id_problem(self.repo_id(fmt))
+        return f"the repo name {self.repo_id(fmt)!r} {problem.removeprefix('name ')}" if problem else None
 
     def repo_id(self, fmt: str) -> str:
         return f"{self.namespace}/{self.basename}-{fmt.upper()}"

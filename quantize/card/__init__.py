@@ -8,7 +8,7 @@ publish/regenerate.py builds the same inputs from a published repo's records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
@@ -21,7 +21,8 @@ from .render import read_template_overrides, render_card, validate_card
 CARDS_DIR = "cards"
 
 __all__ = ["RenderedCard", "render_cards", "card_path", "collect_manifests", "split_card", "validate_card", "OriginalCard",
-           "PromptTemplate", "CardAssets", "CardEntry", "CardInputs", "card_assets", "local_card_inputs", "plan_card_inputs"]
+           "PromptTemplate", "CardAssets", "CardEntry", "CardInputs", "card_assets", "check_cards", "local_card_inputs",
+           "plan_card_inputs"]
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RenderedCard:
     text: str
     produced: list[str]  # variant ids with a manifest
     missing: list[str]  # planned variant ids without one (left out of the card unless planned=True)
+    warnings: list[str] = field(default_factory=list)  # what the card lacks for want of an input, one line each
 
 
 def card_path(out_dir: Path, repo_id: str) -> Path:
@@ -48,19 +50,31 @@ def _read_optional(recipe, path: Path | None, what: str) -> str | None:
     if resolved is None:
         return None
     try:
-        return resolved.read_text(encoding="utf-8").rstrip("\n")
-    except OSError:
-        raise BadInput(f"card.{what}: cannot read {resolved}") from None
+        return resolved.read_bytes().decode("utf-8").removeprefix("\ufeff").rstrip("\n")
+    except FileNotFoundError:
+        raise BadInput(f"card.{what}: {resolved} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"card.{what}: {resolved} is a folder, not a file") from None
+    except OSError as exc:
+        raise BadInput(f"card.{what}: cannot read {resolved} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"card.{what}: {resolved} is not UTF-8 text") from None
 
 
 def card_assets(recipe) -> CardAssets:
     """The recipe's header, footer and template overrides, read once (and kept in the release record)."""
     templates = recipe.resolve(recipe.card.templates)
     if templates is not None and not templates.is_dir():
-        raise BadInput(f"card.templates: {templates} is not a folder")
+        what = "is not a folder" if templates.exists() else "does not exist"
+        raise BadInput(f"card.templates: {templates} {what}")
+    try:
+        overrides = read_template_overrides(templates) if templates else {}
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"card.templates: a template in {templates} is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise BadInput(f"card.templates: cannot read {exc.filename} ({exc.strerror})") from None
     return CardAssets(_read_optional(recipe, recipe.card.header, "header"),
-                      _read_optional(recipe, recipe.card.footer, "footer"),
-                      read_template_overrides(templates) if templates else {})
+                      _read_optional(recipe, recipe.card.footer, "footer"), overrides)
 
 
 def plan_card_inputs(plan: Plan, manifests: dict[str, Manifest], original: OriginalCard | None,
@@ -84,6 +98,8 @@ def local_card_inputs(plan: Plan, out_dir: Path, include_planned: bool = False) 
 def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write: bool = True) -> list[RenderedCard]:
     """Render every repo's card from the manifests in `out_dir`; write them to <out>/cards/<repo>/."""
     inputs = local_card_inputs(plan, out_dir, include_planned)
+    gaps = inputs.gaps()
+    unreachable = f" (could not reach {plan.source.hub} on the Hub)" if plan.source.facts is None and plan.source.hub else ""
     cards = []
     for fmt in plan.formats:
         ids = [v.id for v in plan.of_format(fmt)]
@@ -93,7 +109,16 @@ def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write
         text = render_card(inputs, fmt)
         repo_id = plan.repo_ids()[fmt]
         path = card_path(out_dir, repo_id)
-        if write:
-            write_atomic(path, text.encode("utf-8"))
-        cards.append(RenderedCard(fmt, repo_id, path, text, produced, [i for i in ids if i not in produced]))
+        warnings = [f"{repo_id}: the card lacks {'; '.join(gaps)}{unreachable}"] if gaps else []
+        cards.append(RenderedCard(fmt, repo_id, path, text, produced, [i for i in ids if i not in produced], warnings))
+    if write:  # only once every card rendered and passed its checks
+        for card in cards:
+            write_atomic(card.path, card.text.encode("utf-8"))
     return cards
+
+
+def check_cards(plan: Plan, out_dir: Path) -> list[RenderedCard]:
+    """Render every card of the plan as it will be once every variant is made (produced variants from
+    their manifests, the rest from the plan) and check it, writing nothing: BadInput before any work
+    for a card the release would fail on at the end (front matter, templates, header, original card)."""
+    return render_cards(plan, out_dir, include_planned=True, write=False)

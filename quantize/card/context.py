@@ -8,6 +8,7 @@ made from the plan. The format plugins turn entries into table rows.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,9 @@ from ..formats.base import Variant
 from ..manifest import Manifest
 from ..quant_types import format_size
 from ..recipe import Recipe
-from .original import OriginalCard, PromptTemplate
+from ..source import context_length
+from .escape import fence, md, url
+from .original import NO_TEMPLATE, OriginalCard, PromptTemplate
 
 HUB = "https://huggingface.co"
 
@@ -39,12 +42,14 @@ class CardEntry:
     files: list[str] = field(default_factory=list)  # the files, as paths in the repo
     measured: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)  # library and tool versions it was made with
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "CardEntry":
         return cls(manifest.variant_id, manifest.format, manifest.repo_id, manifest.branch, manifest.name,
                    manifest.requested, manifest.calibration, manifest.description, manifest.total_size, True,
-                   [manifest.repo_path(f) for f in manifest.files], manifest.measured, manifest.quality)
+                   [manifest.repo_path(f) for f in manifest.files], manifest.measured, manifest.quality,
+                   dict(manifest.tools))
 
     @classmethod
     def from_variant(cls, variant: Variant) -> "CardEntry":
@@ -87,8 +92,21 @@ class CardInputs:
 
     @property
     def context_length(self) -> int | None:
-        config = self.model_config or {}
-        return (config.get("text_config") or config).get("max_position_embeddings")
+        return context_length(self.model_config)
+
+    def gaps(self) -> list[str]:
+        """What the card lacks because an input is missing (said in a warning, never silently)."""
+        source = self.recipe.source
+        missing = []
+        if not (source.license or (self.original and self.original.metadata.get("license"))):
+            missing.append("the licence (set source.license)")
+        if self.original is None:
+            missing.append("the original model card (set source.card)")
+        if self.prompt.text == NO_TEMPLATE and source.prompt_template is None:
+            missing.append("the prompt template, shown as {prompt} (set source.prompt_template)")
+        if any(e.size is None for entries in self.entries.values() for e in entries):
+            missing.append("the file sizes, shown as ? (config.json could not be read)")
+        return missing
 
 
 # --- cells the format plugins share ------------------------------------------------------------
@@ -105,11 +123,29 @@ def size_cell(entry: CardEntry) -> str:
 
 
 def dataset_cell(calibration: dict[str, Any] | None) -> str:
+    """Markdown, escaped for a table cell: the dataset's name, linked when it is on the Hub."""
     if not calibration:
         return ""
-    url = dataset_url(calibration)
-    label = dataset_label(calibration)
-    return f"[{label}]({url})" if url else label
+    link = dataset_url(calibration)
+    label = md(dataset_label(calibration)).replace("|", "\\|")
+    return f"[{label}]({url(link)})" if link else label
+
+
+def inherited_metadata(original: OriginalCard | None, base_model: str | None, revision: str,
+                       license_id: str | None) -> dict[str, Any]:
+    """What our front matter takes from the original card: licence (unless the recipe names another),
+    licence name and link (a relative link made absolute to the file in the original repo), datasets, language."""
+    metadata = original.metadata if original else {}
+    inherited = {key: metadata.get(key) for key in ("datasets", "language", "license")}
+    if license_id and license_id != metadata.get("license"):
+        return {**inherited, "license": license_id}  # another licence: the original's name and link don't apply
+    inherited["license_name"] = metadata.get("license_name")
+    link = metadata.get("license_link")
+    if isinstance(link, str) and link.strip() and not re.match(r"^[a-z][a-z0-9+.-]*:", link.strip(), re.I):
+        relative = link.strip().removeprefix("./").lstrip("/")
+        link = f"{HUB}/{base_model}/blob/{revision}/{relative}" if base_model and relative else None
+    inherited["license_link"] = link if isinstance(link, str) and link else None
+    return inherited
 
 
 # --- the template data -------------------------------------------------------------------------
@@ -127,6 +163,10 @@ def _repositories(inputs: CardInputs, creator_title: str) -> list[dict[str, str]
         repos.append({"label": f"{creator_title} original unquantised fp16 model in pytorch format, "
                                "for GPU inference and for further conversions", "url": f"{HUB}/{base}"})
     return repos
+
+
+def _prompt_example(prompt: PromptTemplate) -> str:
+    return prompt.text.replace("{prompt}", "Tell me about AI")
 
 
 def _quality(entries: list[CardEntry]) -> dict[str, Any] | None:
@@ -152,6 +192,8 @@ def card_context(inputs: CardInputs, fmt: str) -> dict[str, Any]:
     entries = inputs.entries.get(fmt, [])
     rows = [plugin.card_row(entry, inputs.model_type) for entry in entries]
     repo_id = recipe.release.repo_id(plugin.title)
+    original = inputs.original if inputs.original and inputs.original.body.strip() else None
+    revision = source.revision if source.hub and source.base_model == source.hub else "main"
     return {
         "fmt": fmt, "title": plugin.title, "repo_id": repo_id, "library_name": plugin.library_name,
         "repo_name": repo_id.split("/")[-1], "basename": recipe.release.basename,
@@ -164,6 +206,10 @@ def card_context(inputs: CardInputs, fmt: str) -> dict[str, Any]:
         "quality": _quality([e for e in entries if e.produced]),
         "context_length": inputs.context_length or 4096,
         "model_type": inputs.model_type,
-        "original": inputs.original, "header": inputs.assets.header, "footer": inputs.assets.footer,
+        "original": original, "header": inputs.assets.header, "footer": inputs.assets.footer,
+        "inherited": inherited_metadata(inputs.original, source.base_model, revision, source.license),
+        "prompt_example": _prompt_example(inputs.prompt),
+        # one fence for every code block holding the prompt template: longer than any backtick run in it
+        "prompt_fence": fence(inputs.prompt.text),
         **plugin.card_extras(entries),
     }

@@ -4,7 +4,6 @@ made from the release's calibration windows and compared with the fp16 reference
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -12,14 +11,13 @@ from pydantic import Field
 from ..calibration import CalibrationTextArtifact, TokensArtifact, WindowsArtifact
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
-from ..schema import GroupSize, Strict, group_size_label
+from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
 from .base import PRESENTATION, Format, Variant
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
     from ..source import ModelFacts, SourceModel
 
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 FLOAT_BITS = 16
 HUB = "https://huggingface.co"
 
@@ -102,8 +100,9 @@ class WeightFormatPlugin(Format):
             raise ValueError(f"{self.name}: empty list: remove the key or list at least one variant")
         seen: dict[str, int] = {}
         for index, branch in enumerate(assign_branches(self.name, section)):
-            if not BRANCH_NAME.match(branch):
-                raise ValueError(f"{self.name}[{index}].branch: {branch!r} is not a valid branch name")
+            problem = branch_name_problem(branch)
+            if problem:
+                raise ValueError(f"{self.name}[{index}].branch: not a branch name git accepts: it {problem}")
             if branch in seen:
                 raise ValueError(f"{self.name}[{index}]: branch {branch!r} is also used by {self.name}[{seen[branch]}]")
             seen[branch] = index
@@ -146,9 +145,24 @@ class WeightFormatPlugin(Format):
         """Format-specific parameters for the plan's Parameters column."""
         return ""
 
+    # (package, the oldest version known to load these files, what it is for), for the card's requirements
+    requirements: tuple[tuple[str, str | None, str], ...] = ()
+
     def card_extras(self, entries: list) -> dict[str, Any]:
+        """Which branch users get by default and which one the examples show, and the library versions.
+
+        A repo may have no `main` variant (every branch named in the recipe) or a single one: the card
+        then names the branch there is, and says nothing about "another branch".
+        """
         branches = [e.branch for e in entries]
-        return {"example_branch": next((b for b in branches if b != "main"), branches[0] if branches else "main")}
+        default = "main" if "main" in branches else (branches[0] if branches else "main")
+        other = next((b for b in branches if b != default), None)
+        made_with = next((e.tools for e in entries if e.tools), {})
+        requirements = [{"package": package, "minimum": minimum, "made_with": made_with.get(package), "use": use}
+                        for package, minimum, use in self.requirements]
+        return {"branches": branches, "default_branch": default, "has_main": "main" in branches,
+                "other_branch": other, "example_branch": other or default, "requirements": requirements,
+                "pip_packages": " ".join(r["package"] for r in requirements)}
 
     def weight_row(self, entry: Any, model_type: str | None) -> dict[str, Any]:
         from ..card.context import dataset_cell, ppl_cell, size_cell

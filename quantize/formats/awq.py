@@ -64,6 +64,9 @@ class AWQFormat(WeightFormatPlugin):
     card_order = 10
     section = list[AWQVariant] | None
     spec_type = AWQVariant
+    # transformers 5 loads AWQ GEMM files through GPTQModel (earlier versions went through AutoAWQ).
+    requirements = (("transformers", "5.0.0", "loads the model"), ("gptqmodel", None, "the AWQ kernels"),
+                    ("accelerate", None, "device_map"))
 
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, AWQ)

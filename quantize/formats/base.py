@@ -164,6 +164,7 @@ class Format(ABC):
     one_branch_per_variant: ClassVar[bool]  # True: each variant is a folder on its own branch; False: files on main
     library_name: ClassVar[str | None] = None  # front matter library_name
     location_label: ClassVar[str] = "Branch"  # what the plan calls a variant's place: Branch or File
+    case_insensitive_names: ClassVar[bool] = False  # `--variants` matches names in any case (GGUF types)
 
     def check_section(self, section: Any) -> None:
         """Recipe-level checks beyond the section's schema; ValueError naming the field."""

@@ -478,6 +478,7 @@ class GGUFFormat(Format):
     one_branch_per_variant = False
     library_name = None
     location_label = "File"
+    case_insensitive_names = True  # llama.cpp's type names: q4_k_m is Q4_K_M
 
     def expand(self, recipe: "Recipe", source: "SourceModel") -> list[Variant]:
         spec: GGUFSpec = recipe.gguf
@@ -532,13 +533,26 @@ class GGUFFormat(Format):
 
     def card_extras(self, entries: list) -> dict[str, Any]:
         preferred = next((e for e in entries if e.name == PREFERRED_EXAMPLE), entries[0] if entries else None)
+        version = next((e.tools[ENGINE] for e in entries if e.tools.get(ENGINE)), None)
+        commit = llama_cpp_commit(version) if version else None
         return {"gguf_files": [e.files[0] for e in entries if e.files], "k_quant_blocks": K_QUANT_BLOCKS,
                 "example_gguf": preferred.name if preferred else None,
-                "example_gguf_file": preferred.files[0] if preferred and preferred.files else None}
+                "example_gguf_file": preferred.files[0] if preferred and preferred.files else None,
+                "llama_cpp_version": version, "llama_cpp_commit": commit,
+                "llama_cpp_detail": (version.replace(commit, "", 1).strip(" ()") if commit else version) if version else None,
+                "llama_cpp_commit_url": f"https://github.com/ggml-org/llama.cpp/commit/{commit}" if commit else None,
+                "needs_imatrix_types": [e.name for e in entries if GGUF_TYPES[e.name].method == "i-quant"]}
 
     def repository_label(self, section: GGUFSpec) -> str:
         bits = sorted({GGUF_TYPES[name].bits for name in section.types})
         return f"{join_words([str(b) for b in bits])}-bit GGUF models for CPU+GPU inference"
+
+
+def llama_cpp_commit(version: str) -> str | None:
+    """The llama.cpp commit a manifest's version names: "0c1e57098 (llama-cpp-python 0.3.36)" or "6500 (1a2b3c4)"."""
+    match = (re.match(r"^([0-9a-f]{7,40})\b", version) or re.search(r"commit ([0-9a-f]{7,40})\b", version)
+             or re.search(r"\(([0-9a-f]{7,40})\)", version))
+    return match.group(1) if match else None
 
 
 def join_words(items: list[str]) -> str:

@@ -78,6 +78,10 @@ class GPTQFormat(WeightFormatPlugin):
     card_order = 20
     section = list[GPTQVariant] | None
     spec_type = GPTQVariant
+    # transformers loads GPTQ through optimum and GPTQModel; its GPTQ loader refuses gptqmodel < 1.4.3 and
+    # optimum < 1.24.0, and 4.49.0 is the first transformers with GPTQModel support.
+    requirements = (("transformers", "4.49.0", "loads the model"), ("optimum", "1.24.0", "transformers' GPTQ path"),
+                    ("gptqmodel", "1.4.3", "the GPTQ kernels"), ("accelerate", None, "device_map"))
 
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, GPTQ)
