@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,16 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 from ..errors import BadInput
 from ..recipe import HUB_ID
 
-BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+
+def _builtin_templates() -> Path:
+    """The card templates: package data in an installed package (pyproject.toml maps the top-level
+    templates/ folder to quantize/templates/); in a source checkout (on PYTHONPATH, or installed
+    editable) that top-level folder itself."""
+    installed = Path(str(files("quantize") / "templates"))
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "templates"
+
+
+BUILTIN_TEMPLATES = _builtin_templates()
 SECTION = re.compile(r"<!-- (\S+) (start|end) -->")
 LIBRARY = {"gptq": "transformers", "awq": "transformers", "gguf": None}
 
