@@ -7,10 +7,12 @@ measured on text the quantizer has seen.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +21,9 @@ from .schema import Calibration
 from .stages import Artifact, ArtifactStore, read_json, write_json
 
 WIKITEXT_ENV = "QUANTIZE_WIKITEXT_DIR"  # a folder holding wikitext-2-raw-v1/ and/or wikitext-2-v1/
+# The copy shipped with the package (same layout; test splits and wikitext-2-v1 validation only):
+# see quantize/data/wikitext-2/LICENSE.md for its licence and provenance.
+PACKAGED_WIKITEXT = Path(str(files("quantize") / "data" / "wikitext-2"))
 _WIKITEXT_FILES = {
     ("wikitext-2-raw-v1", "test"): "wiki.test.raw",
     ("wikitext-2-raw-v1", "validation"): "wiki.valid.raw",
@@ -60,32 +65,59 @@ def _rows_from_lines(text: str) -> list[str]:
     return ["" if not line.strip() else line for line in text.splitlines(keepends=True)]
 
 
-def _local_wikitext(config: str, split: str) -> Path | None:
-    candidates = []
-    if os.environ.get(WIKITEXT_ENV):
-        candidates.append(Path(os.environ[WIKITEXT_ENV]))
-    candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2")
+def _env_wikitext_dir() -> Path | None:
+    """The folder QUANTIZE_WIKITEXT_DIR names, if set (BadInput when it is not a folder)."""
+    value = os.environ.get(WIKITEXT_ENV)
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise BadInput(f"{WIKITEXT_ENV}={value} is not a folder; point it at one holding "
+                       "wikitext-2-raw-v1/ and/or wikitext-2-v1/, or unset it to use the copy shipped with quantize")
+    return folder
+
+
+def packaged_wikitext() -> list[str]:
+    """The wikitext config/split pairs whose files the installed package holds."""
+    return [f"{config}/{split}" for (config, split), name in _WIKITEXT_FILES.items()
+            if (PACKAGED_WIKITEXT / config / name).is_file()]
+
+
+def _local_wikitext(config: str, split: str) -> tuple[Path, str] | None:
+    """The local file of a wikitext split and where it was found: QUANTIZE_WIKITEXT_DIR first, then the copy
+    shipped with the package ("packaged"); None when neither has it (then only `datasets` can load it)."""
     name = _WIKITEXT_FILES.get((config, split))
-    for folder in candidates:
-        if name and (folder / config / name).is_file():
-            return folder / config / name
+    if name is None:
+        return None
+    env_dir = _env_wikitext_dir()
+    for folder, where in ((env_dir, WIKITEXT_ENV), (PACKAGED_WIKITEXT, "packaged")):
+        if folder is not None and (folder / config / name).is_file():
+            return folder / config / name, where
     return None
 
 
 def _wikitext_rows(config: str, split: str) -> tuple[list[str], str]:
     local = _local_wikitext(config, split)
     if local is not None:
-        return _rows_from_lines(local.read_text(encoding="utf-8")), str(local)
+        return _rows_from_lines(local[0].read_text(encoding="utf-8")), str(local[0])
+    name = _WIKITEXT_FILES.get((config, split))
+    shipped = packaged_wikitext()
+    need = (f"wikitext {config}/{split} is not in the copy shipped with quantize (it has {', '.join(shipped)})"
+            if shipped else f"quantize's own wikitext copy is missing from {PACKAGED_WIKITEXT}")
+    if name is None:
+        need += f"; split {split!r} has no local file (test, validation, train do)"
+    elif os.environ.get(WIKITEXT_ENV):
+        need += f" nor in {WIKITEXT_ENV}={os.environ[WIKITEXT_ENV]} (no {config}/{name}); put it there"
+    else:
+        need += f"; set {WIKITEXT_ENV} to a folder holding {config}/{name}"
     try:
         import datasets  # optional: the online path
     except ImportError:
-        raise BadInput(f"calibration: no local copy of wikitext {config}/{split} (set {WIKITEXT_ENV}) "
-                       "and the `datasets` package is not installed") from None
+        raise BadInput(f"calibration: {need}, or install `datasets` (online)") from None
     try:
         rows = datasets.load_dataset("wikitext", config, split=split)["text"]
     except Exception as exc:  # datasets raises many kinds; all mean "not available"
-        raise BadInput(f"calibration: cannot load wikitext {config}/{split} ({type(exc).__name__}); "
-                       f"set {WIKITEXT_ENV} to a local copy") from None
+        raise BadInput(f"calibration: {need} (`datasets` cannot load it: {type(exc).__name__})") from None
     return list(rows), f"datasets:wikitext/{config}/{split}"
 
 
@@ -200,13 +232,21 @@ EVALUATION_FILE = "evaluation.txt"
 FACTS_FILE = "facts.json"
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def text_inputs(calib: Calibration) -> dict[str, Any]:
-    """What the text depends on: where it comes from and how much is held out (not samples/seq_len/seed)."""
-    inputs = {"dataset": calib.dataset, "config": calib.resolved_config, "split": calib.split,
-              "held_out": calib.held_out, "path": str(calib.path) if calib.path else None}
-    if calib.path is not None and calib.path.is_file():
-        stat = calib.path.stat()
-        inputs["file"] = [stat.st_size, stat.st_mtime_ns]
+    """What the text depends on (not samples/seq_len/seed): which text, by content where it is a local
+    file (so another QUANTIZE_WIKITEXT_DIR copy or an edited file redoes it, a moved one does not),
+    and how much is held out."""
+    inputs: dict[str, Any] = {"dataset": calib.dataset, "config": calib.resolved_config, "split": calib.split,
+                              "held_out": calib.held_out}
+    local = calib.path if calib.dataset == "file" else None
+    if calib.dataset == "wikitext":
+        found = _local_wikitext(calib.resolved_config, calib.split)
+        local = found[0] if found else None
+    inputs["text"] = _file_digest(local) if local is not None and local.is_file() else "online"
     return inputs
 
 

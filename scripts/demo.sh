@@ -8,7 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_llamacpp.sh
-export QUANTIZE_WIKITEXT_DIR=${QUANTIZE_WIKITEXT_DIR:-$(cd .. && pwd)/shared/data/wikitext-2}
 .venv/bin/python scripts/build_smollm2.py
 .venv/bin/quantize plan recipes/demo.yaml
 .venv/bin/quantize release recipes/demo.yaml --out out/demo

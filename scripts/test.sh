@@ -7,5 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_llamacpp.sh
-export QUANTIZE_WIKITEXT_DIR=${QUANTIZE_WIKITEXT_DIR:-$(cd .. && pwd)/shared/data/wikitext-2}
 exec .venv/bin/python -m pytest -m "slow or not slow" -p no:cacheprovider "$@"

@@ -307,3 +307,18 @@ def test_a_new_format_plugs_in_with_one_module_and_one_template(tmp_path):
     refs = subprocess.run(["git", "--git-dir", str(out / "repos" / "Tiny-Llama-TOY.git"), "ls-tree", "--name-only",
                            "main"], capture_output=True, text=True)
     assert set(refs.stdout.split()) >= {"README.md", "model.L1.toy", "model.L2.toy"}
+
+
+def test_calibration_text_is_known_by_its_content(tmp_path, write_recipe):
+    text = tmp_path / "calibration.txt"
+    text.write_text("some calibration text\n" * 50)
+    data = tiny_recipe(_model(tmp_path / "model"), gptq=[{"bits": 4}])
+    data["calibration"] = {"dataset": "file", "path": str(text)}
+    before = _digests(write_recipe, data)
+    moved = tmp_path / "elsewhere" / "calibration.txt"
+    moved.parent.mkdir()
+    text.rename(moved)
+    data["calibration"]["path"] = str(moved)
+    assert _digests(write_recipe, data) == before  # the same text somewhere else: nothing to redo
+    moved.write_text("other calibration text\n" * 50)
+    assert _digests(write_recipe, data) != before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,16 @@ from ..schema import HUB_ID
 from .context import CardInputs, card_context
 from .escape import FILTERS
 
-BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+
+def _builtin_templates() -> Path:
+    """The card templates: package data in an installed package (pyproject.toml maps the top-level
+    templates/ folder to quantize/templates/); in a source checkout (on PYTHONPATH, or installed
+    editable) that top-level folder itself."""
+    installed = Path(str(files("quantize") / "templates"))
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "templates"
+
+
+BUILTIN_TEMPLATES = _builtin_templates()
 SECTION = re.compile(r"<!-- (\S+) (start|end) -->")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 CELL_EDGE = re.compile(r"(?<!\\)\|")
