@@ -69,8 +69,11 @@ class Variant:
 
     @cached_property
     def digest(self) -> str:
-        """Changes whenever anything that changes the variant's bytes does: then it is redone."""
-        return content_key(self.format, self.params, self.calibration_summary, self.source_identity,
+        """Changes whenever anything that changes the variant's bytes does: then it is redone.
+
+        The calibration file's path is left out: its content is an input of the text artifact."""
+        calibration = {k: v for k, v in (self.calibration_summary or {}).items() if k != "path"}
+        return content_key(self.format, self.params, calibration, self.source_identity,
                            [artifact_tree(a) for a in self.needs])
 
     def to_dict(self) -> dict[str, Any]:
