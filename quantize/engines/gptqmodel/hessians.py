@@ -124,9 +124,7 @@ def load_hessians(folder: Path) -> Hessians:
 
 def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto") -> list[dict[str, Any]]:
     """GPTQModel's solve and packing for every decoder linear, from the given Hessians."""
-    import torch
     from gptqmodel.quantization.config import METHOD, resolve_quant_format
-    from gptqmodel.quantization.gptq import GPTQ
     from gptqmodel.utils.backend import normalize_backend
     from gptqmodel.utils.importer import select_quant_linear
     from gptqmodel.utils.model import create_quant_module, pack_module
@@ -140,28 +138,62 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
     gptq_model.qlinear_kernel = kernel
     lock = threading.Lock()
     log = []
-    for name, linear in decoder_linears(gptq_model).items():
-        task = GPTQ(linear, qcfg)  # as GPTQModel's GPTQProcessor.preprocess sets one up
-        task.quantizer.configure(perchannel=True)
-        task.expected_nsamples = hessians.tokens
-        task.H = hessians.of(name).to(torch.float32).clone()
-        task.nsamples = hessians.tokens
-        weights, scales, zeros, g_idx, seconds, loss, damp, _ = task.quantize()
-        linear.weight.data = weights.to(linear.weight.dtype)
-        task.free()
-        create_quant_module(name=name, linear_cls=kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
-                            dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=gptq_model.model,
-                            submodule=linear, sym=qcfg.sym, device=qcfg.device, lm_head_name=gptq_model.lm_head,
-                            pack_dtype=qcfg.pack_dtype, format=quant_format, register_buffers=False)
-        packed = gptq_model.model.get_submodule(name)
-        pack_module(name=name, qModules={name: packed}, q_scales=scales.cpu(), q_zeros=zeros.cpu(),
-                    q_g_idx=g_idx.cpu() if g_idx is not None else None, layers={name: linear},
-                    quant_linear_cls=kernel, lock=lock, quantize_config=qcfg)
-        log.append({"module": name, "damp": damp, "loss": loss, "time": seconds})
+    linears = decoder_linears(gptq_model)
+    for group in input_groups(linears, hessians):
+        results = solve_group([linears[name] for name in group], hessians.of(group[0]), hessians.tokens, qcfg)
+        for name, (weights, scales, zeros, g_idx) in zip(group, results["parts"]):
+            linear = linears[name]
+            linear.weight.data = weights.to(linear.weight.dtype)
+            create_quant_module(name=name, linear_cls=kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
+                                dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=gptq_model.model,
+                                submodule=linear, sym=qcfg.sym, device=qcfg.device, lm_head_name=gptq_model.lm_head,
+                                pack_dtype=qcfg.pack_dtype, format=quant_format, register_buffers=False)
+            packed = gptq_model.model.get_submodule(name)
+            pack_module(name=name, qModules={name: packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
+                        layers={name: linear}, quant_linear_cls=kernel, lock=lock, quantize_config=qcfg)
+            log.append({"module": name, "damp": results["damp"], "loss": results["loss"], "time": results["time"]})
     gptq_model.quantized = True
     qcfg.method = METHOD.GPTQ
     gptq_model.quant_log = log
     return log
+
+
+def input_groups(linears: dict[str, Any], hessians: Hessians) -> list[list[str]]:
+    """The linears that read the same input (q/k/v, gate/up), leader first, in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in linears:
+        groups.setdefault(hessians.aliases.get(name, name), []).append(name)
+    return list(groups.values())
+
+
+def solve_group(members: list[Any], hessian, tokens: int, qcfg) -> dict[str, Any]:
+    """One GPTQModel solve for layers that share a Hessian, their rows stacked.
+
+    GPTQ treats each output row on its own given H (the column order, the damping and the error
+    feedback depend on H alone), so stacking q, k and v gives each the result of its own solve
+    at the cost of one pass over the columns instead of three.
+    """
+    import torch
+    from gptqmodel.quantization.gptq import GPTQ
+
+    stacked = members[0] if len(members) == 1 else torch.nn.Linear(
+        members[0].in_features, sum(m.out_features for m in members), bias=False, dtype=torch.float32)
+    if len(members) > 1:
+        stacked.weight.data = torch.cat([m.weight.data.to(torch.float32) for m in members])
+    task = GPTQ(stacked, qcfg)  # as GPTQModel's GPTQProcessor.preprocess sets one up
+    task.quantizer.configure(perchannel=True)
+    task.expected_nsamples = tokens
+    task.H = hessian.to(torch.float32).clone()
+    task.nsamples = tokens
+    weights, scales, zeros, g_idx, seconds, loss, damp, _ = task.quantize()
+    rows = [m.out_features for m in members]
+    # copies, one per layer: the results may live in GPTQModel's leased workspaces (free() hands them
+    # back), and a tensor shared between layers would be saved once for all of them
+    parts = [(w.detach().clone(), s.detach().cpu().clone(), z.detach().cpu().clone(),
+              g_idx.detach().cpu().clone() if g_idx is not None else None)
+             for w, s, z in zip(weights.split(rows), scales.split(rows), zeros.split(rows))]
+    task.free()
+    return {"parts": parts, "damp": damp, "loss": loss, "time": seconds}
 
 
 @dataclass(frozen=True, repr=False)
