@@ -157,7 +157,8 @@ class GPTQModelBackend(Backend):
         import torch
         from gptqmodel import GPTQModel
 
-        return GPTQModel.load(str(self.context.model_path), quantize_config, dtype=getattr(torch, dtype))
+        return GPTQModel.load(str(self.context.model_path), quantize_config, dtype=getattr(torch, dtype),
+                              trust_remote_code=self.context.trust_remote_code)
 
     def _save(self, model, staging: Path, spec: Any) -> None:
         saved = staging / SAVE_SUBDIR
@@ -173,7 +174,7 @@ class GPTQModelBackend(Backend):
         store = self.context.store
         check_release_folder(staging, self.weight_format, variant.spec)
         with clock.stage("verify"):
-            model = load_quantized(staging, self.weight_format, variant.spec)
+            model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
             reference = needed(variant, TransformersReference)
