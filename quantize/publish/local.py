@@ -53,8 +53,11 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 def parse_pointer(data: bytes) -> tuple[str, int] | None:
     if not data.startswith(LFS_POINTER_PREFIX) or len(data) > POINTER_MAX:
         return None
-    fields = dict(line.split(" ", 1) for line in data.decode().splitlines() if " " in line)
-    return fields["oid"].removeprefix("sha256:"), int(fields["size"])
+    fields = dict(line.split(" ", 1) for line in data.decode(errors="replace").splitlines() if " " in line)
+    try:
+        return fields["oid"].removeprefix("sha256:"), int(fields["size"])
+    except (KeyError, ValueError):
+        return None
 
 
 def needs_lfs(path: str, local: Path, size: int) -> bool:
@@ -115,12 +118,15 @@ class LocalGitTarget:
     def _env(self, extra: dict | None = None) -> dict[str, str]:
         return tool_env({**GIT_IDENTITY, **(extra or {})})
 
-    def _git(self, repo: Path, *args: str, input: bytes | None = None, env: dict | None = None) -> str:
+    def _git_bytes(self, repo: Path, *args: str, input: bytes | None = None, env: dict | None = None) -> bytes:
         result = subprocess.run(["git", f"--git-dir={repo}", *args], input=input, capture_output=True,
                                 env=self._env(env))
         if result.returncode != 0:
             raise WorkFailed(f"git {args[0]} in {repo} failed: {result.stderr.decode(errors='replace').strip()}")
-        return result.stdout.decode().strip()
+        return result.stdout
+
+    def _git(self, repo: Path, *args: str, input: bytes | None = None, env: dict | None = None) -> str:
+        return self._git_bytes(repo, *args, input=input, env=env).decode().strip()
 
     def _blob(self, repo: Path, data: bytes) -> str:
         return self._git(repo, "hash-object", "-w", "--stdin", input=data)
@@ -212,7 +218,7 @@ class LocalGitTarget:
         record = None
         if RECORD_FILE in blobs:
             try:
-                record = json.loads(self._git(repo, "cat-file", "blob", blobs[RECORD_FILE]))
+                record = json.loads(self._git_bytes(repo, "cat-file", "blob", blobs[RECORD_FILE]))
             except ValueError:
                 record = None
         return BranchState(head, files, record if isinstance(record, dict) else None)
@@ -225,7 +231,7 @@ class LocalGitTarget:
             meta, path = line.split("\t", 1)
             _, _, blob, size = meta.split()
             blobs[path] = blob
-            pointer = parse_pointer(self._git(repo, "cat-file", "blob", blob).encode()) \
+            pointer = parse_pointer(self._git_bytes(repo, "cat-file", "blob", blob)) \
                 if int(size) <= POINTER_MAX else None
             if pointer is None:
                 files[path] = RemoteFile(int(size), blob_id=blob)
