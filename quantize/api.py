@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .card import RenderedCard, card_assets, collect_manifests, render_cards
+from .card import RenderedCard, card_assets, render_cards
 from .card.original import prompt_template
 from .errors import BadInput, WorkFailed
 from .formats import format_names

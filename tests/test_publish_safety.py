@@ -392,3 +392,25 @@ def test_a_git_lock_not_left_by_us_is_not_removed(tmp_path, recording, release_r
     assert main(["release", str(release_recipe), "--out", str(out)]) == 1
     assert "main.lock exists: a git command is using Tiny-Llama-GGUF.git" in capsys.readouterr().err
     assert lock.exists()
+
+
+def rewrite_record(repo: Path, branch: str, change) -> None:
+    record = json.loads(show(repo, branch, RECORD_FILE))
+    change(record)
+    user_commit(repo, branch, {RECORD_FILE: (json.dumps(record, indent=2) + "\n").encode()})
+
+
+def test_a_record_from_before_release_ids_is_ours_only_with_our_files(tmp_path, recording, release_recipe,
+                                                                     shared_repos, capsys):
+    first = tmp_path / "first"
+    api.release(release_recipe, out=first, **QUIET)
+    gguf = shared_repos / "Tiny-Llama-GGUF.git"
+    for repo in shared_repos.glob("*.git"):
+        for branch in git(repo, "for-each-ref", "--format=%(refname:lstrip=2)", "refs/heads").split():
+            rewrite_record(repo, branch, lambda r: (r.pop("release"), r.pop("files"), r.update(record_version=2)))
+    assert main(["release", str(release_recipe), "--out", str(tmp_path / "elsewhere")]) == 2  # not this folder's
+    assert "without a release id that this output folder did not make" in capsys.readouterr().err
+    set_recipe(release_recipe, lambda d: d["gguf"].update(types=["Q8_0"]))
+    assert main(["release", str(release_recipe), "--out", str(first)]) == 0  # the folder that made it
+    assert branch_files(gguf, "main") == {".gitattributes", "README.md", RECORD_FILE, "Tiny-Llama.Q8_0.gguf"}
+    assert json.loads(show(gguf, "main", RECORD_FILE))["release"]["id"] == (first / RELEASE_ID_FILE).read_text().strip()

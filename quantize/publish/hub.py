@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from ..errors import BadInput, WorkFailed
 from ..killpoints import kill_point
 from . import BranchMoved
-from .layout import RECORD_FILE, BranchContent, BranchState, RemoteFile, git_blob_id, plan_changes  # noqa: F401
+from .layout import RECORD_FILE, BranchContent, BranchState, RemoteFile, plan_changes
 
 RETRIES = 6
 RETRY_BASE_SECONDS = float(os.environ.get("QUANTIZE_RETRY_BASE_SECONDS", "2"))

@@ -67,8 +67,18 @@ class BranchState:
         return (self.record or {}).get("release")
 
     def owned(self) -> set[str]:
-        """The files quantize made on this branch, as its record lists them."""
-        return set((self.record or {}).get("files") or [])
+        """The files quantize made on this branch, as its record lists them (a record written before
+        the list existed: its variants' files, the card and the record)."""
+        if not self.record:
+            return set()
+        if "files" in self.record:
+            return set(self.record["files"] or [])
+        owned = {CARD_FILE, RECORD_FILE}
+        for variant in self.record.get("variants") or []:
+            for entry in variant.get("files") or []:
+                path, subdir = Path(entry.get("path", "")), Path(variant.get("subdir", ""))
+                owned.add((path.relative_to(subdir) if path.is_relative_to(subdir) else path).as_posix())
+        return owned
 
     def foreign_files(self) -> set[str]:
         return set(self.files) - {".gitattributes"}

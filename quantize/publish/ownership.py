@@ -78,7 +78,8 @@ def claim_release(plan: Plan, out_dir: Path, states: dict[str, dict[str, BranchS
                                "did not make (name collision): choose another release.basename or namespace")
             if release.get("source") != source or release.get("basename") != basename:
                 raise BadInput(f"publish: {at} holds another release (of {release.get('source')}, basename "
-                               f"{release.get('basename')}): name collision, choose another release.basename or namespace")
+                               f"{release.get('basename')}): name collision, choose another release.basename "
+                               "or namespace")
             found.setdefault(release["id"], at)
     if local_id is not None:
         other = next(((rid, at) for rid, at in found.items() if rid != local_id), None)
