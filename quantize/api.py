@@ -14,12 +14,14 @@ from typing import Callable
 from .calibration import CalibrationTextArtifact, check_available
 from .card import RenderedCard, card_assets, check_cards, collect_manifests, render_cards
 from .card.original import prompt_template
-from .errors import BadInput
+from .errors import BadInput, WorkFailed
 from .formats import format_names
 from .plan import Plan, build_plan
-from .publish import PublishedBranch, make_target, publish_release
+from .publish import (PublishedBranch, carried_manifests, claim, local_manifests, make_target, publish_release,
+                      read_states)
+from .publish.ownership import write_release_id
 from .recipe import Recipe, load_recipe, with_model_path
-from .runner import Outcome, run_plan
+from .runner import Outcome, output_lock, run_plan
 from .source import inspect_source, settle_repo_id
 
 
@@ -116,23 +118,43 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
             variants: list[str] | None = None, model: str | Path | None = None, publish: bool = True,
             log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None,
             on_start: Callable[[Plan], None] | None = None) -> ReleaseResult:
-    """Plan, produce every unfinished variant, render the cards (and publish, when asked)."""
+    """Plan, produce every unfinished variant, render the cards (and publish, when asked).
+
+    Before any work: the target accepts us, no repo or branch belongs to another release, and no
+    other run uses the output folder (its lock is held to the end). Publishing verifies every
+    file's sha256 first (a variant that no longer matches its manifest is made again), keeps the
+    published variants this run did not make, and verifies each branch after.
+    """
     full = plan(recipe_path, model)  # cards describe the whole release, not only this run's selection
     chosen = _select(full, only, variants)
     out_dir = output_folder(out, full.recipe)
     check_before_work(full, chosen, out_dir)  # local checks first (cheap), then the publishing target's
     target = make_target(full, out_dir) if publish and full.recipe.publish.target != "none" else None
+    identity = None
     if target is not None:
         target.check(list(full.repo_ids().values()))
-    if on_start:
-        on_start(chosen)
-    outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome)
-    cards = render_cards(full, out_dir)
-    result = ReleaseResult(chosen, out_dir, outcomes, cards)
-    if target is not None and not result.failed:
-        result.published = publish_release(full, out_dir, collect_manifests(full, out_dir),
-                                           {card.repo_id: card.text for card in cards},
-                                           prompt_template(full.recipe), card_assets(full.recipe), target, log)
+        try:
+            identity = claim(full, out_dir, target)
+        except WorkFailed as exc:  # the target could not be read: nothing was started
+            raise BadInput(str(exc)) from None
+    with output_lock(out_dir, log):
+        if on_start:
+            on_start(chosen)
+        outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome, check_hashes=target is not None)
+        failed = any(o.status == "failed" for o in outcomes)
+        if target is None or failed:
+            return ReleaseResult(chosen, out_dir, outcomes, render_cards(full, out_dir))
+        write_release_id(out_dir, identity.id)
+        states = read_states(target, full)
+        local = local_manifests(full, out_dir, {o.variant.id for o in outcomes if o.manifest}, log)
+        carried = carried_manifests(full, local, states)
+        for variant_id in carried:
+            log(f"{variant_id}: not made in this output folder: kept as published")
+        cards = render_cards(full, out_dir, manifests={**carried, **local})
+        result = ReleaseResult(chosen, out_dir, outcomes, cards)
+        result.published = publish_release(full, out_dir, local, {card.repo_id: card.text for card in cards},
+                                           prompt_template(full.recipe), card_assets(full.recipe), target, log,
+                                           identity=identity, carried=carried, states=states)
     return result
 
 

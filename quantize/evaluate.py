@@ -108,10 +108,11 @@ def densify_quantized_linears(model: torch.nn.Module) -> int:
     return len(targets)
 
 
-def load_fp16_model(model_path: Path) -> torch.nn.Module:
+def load_fp16_model(model_path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=EVAL_DTYPE, device_map="cpu").eval()
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=EVAL_DTYPE, device_map="cpu",
+                                                trust_remote_code=trust_remote_code).eval()
 
 
 @dataclass(frozen=True, repr=False)
@@ -134,7 +135,7 @@ class TransformersReference(Artifact):
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
         windows = evaluation_windows(store.value(self.tokens).evaluation)
-        model = load_fp16_model(store.context.model_path)
+        model = load_fp16_model(store.context.model_path, store.context.trust_remote_code)
         result = perplexity(model, windows)
         del model
         return asdict(result)

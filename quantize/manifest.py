@@ -27,6 +27,7 @@ class FileEntry(BaseModel):
     path: str  # relative to the release's output folder
     size: int
     sha256: str
+    mtime_ns: int | None = None  # when the file was recorded: with the size, what "finished" is judged by
 
 
 class Manifest(BaseModel):
@@ -88,10 +89,14 @@ def sha256_file(path: Path) -> str:
 
 
 def file_entries(out_dir: Path, paths: list[Path]) -> list[FileEntry]:
-    """Size and sha256 of each file, recorded relative to the output folder."""
+    """Size, modification time and sha256 of each file, recorded relative to the output folder."""
     out_dir = Path(out_dir)
-    return [FileEntry(path=p.relative_to(out_dir).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
-            for p in sorted(paths)]
+    entries = []
+    for path in sorted(paths):
+        stat = path.stat()
+        entries.append(FileEntry(path=path.relative_to(out_dir).as_posix(), size=stat.st_size,
+                                 sha256=sha256_file(path), mtime_ns=stat.st_mtime_ns))
+    return entries
 
 
 _UMASK_LOCK = threading.Lock()
@@ -141,14 +146,27 @@ def read_manifest(out_dir: Path, variant_id: str) -> Manifest | None:
 
 
 def mismatches(out_dir: Path, manifest: Manifest, check_hashes: bool = False) -> list[str]:
-    """What no longer matches the manifest: missing files, other sizes, other hashes (if asked)."""
+    """What no longer matches the manifest: missing files, other sizes, other hashes.
+
+    A file whose modification time differs from the recorded one is hashed (a copied folder keeps
+    its bytes but not its times); with `check_hashes` every file is.
+    """
     problems = []
     for entry in manifest.files:
         path = Path(out_dir) / entry.path
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             problems.append(f"{entry.path}: missing")
-        elif path.stat().st_size != entry.size:
-            problems.append(f"{entry.path}: size {path.stat().st_size} != {entry.size}")
-        elif check_hashes and sha256_file(path) != entry.sha256:
-            problems.append(f"{entry.path}: sha256 differs")
+            continue
+        stat = path.stat()
+        if stat.st_size != entry.size:
+            problems.append(f"{entry.path}: size {stat.st_size} != {entry.size}")
+        elif (check_hashes or stat.st_mtime_ns != entry.mtime_ns) and sha256_file(path) != entry.sha256:
+            problems.append(f"{entry.path}: sha256 differs from the manifest")
     return problems
+
+
+def refresh_times(out_dir: Path, manifest: Manifest) -> Manifest:
+    """The manifest with its files' current modification times (after their hashes were found equal)."""
+    files = [entry.model_copy(update={"mtime_ns": (Path(out_dir) / entry.path).stat().st_mtime_ns})
+             for entry in manifest.files]
+    return manifest.model_copy(update={"files": files})

@@ -1,26 +1,35 @@
 """Produce a plan's variants: skip what is finished, stage the rest, record manifests.
 
 A variant is finished when its manifest exists, was made with the same parameters, and its files
-still have the recorded sizes. Each variant is made in `<out>/.staging/<id>/`, moved into place,
-and only then gets its manifest, so a crash at any moment leaves nothing that looks finished.
+still have the recorded sizes and modification times (a file whose time changed is hashed; before
+publishing every file is). Each variant is made in `<out>/.staging/<id>/`, moved into place, and
+only then gets its manifest, so a crash at any moment leaves nothing that looks finished. One run
+at a time per output folder: `output_lock` holds `<out>/.lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import platform
 import shutil
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .errors import QuantizeError
+from .errors import BadInput, QuantizeError
 from .formats import Backend, ReleaseContext, get_format
-from .manifest import Manifest, file_entries, mismatches, package_versions, read_manifest, write_manifest
+from .killpoints import kill_point
+from .manifest import (Manifest, file_entries, mismatches, package_versions, read_manifest, refresh_times,
+                       write_manifest)
 from .plan import Plan, Variant
 
 STAGING_DIR = ".staging"
+LOCK_FILE = ".lock"
 LIBRARIES = ("quantize", "torch", "transformers", "huggingface_hub", "gguf")
 
 
@@ -37,11 +46,53 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **package_versions(LIBRARIES)}
 
 
-def is_finished(out_dir: Path, variant: Variant) -> Manifest | None:
+def is_finished(out_dir: Path, variant: Variant, check_hashes: bool = False) -> Manifest | None:
+    """The variant's manifest when it is finished: same fingerprint, files with the recorded size and
+    time (or, when a time changed, the recorded sha256; with `check_hashes`, every sha256 checked)."""
     manifest = read_manifest(out_dir, variant.id)
-    if manifest is None or manifest.params_digest != variant.digest or mismatches(out_dir, manifest):
+    if manifest is None or manifest.params_digest != variant.digest or mismatches(out_dir, manifest, check_hashes):
         return None
+    if any((Path(out_dir) / f.path).stat().st_mtime_ns != f.mtime_ns for f in manifest.files):
+        manifest = refresh_times(out_dir, manifest)  # same bytes, new times (a copied folder): remember them
+        write_manifest(out_dir, manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold `<out>/.lock` (flock, with our pid in it) for the whole run; BadInput naming the holder's
+    pid when another run has it. The kernel drops the lock of a dead process, so a stale one is
+    simply taken over."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise BadInput(f"{out_dir}: cannot lock the output folder ({exc.strerror})") from None
+        raise BadInput(f"{out_dir}: another quantize run (pid {holder}) is using this output folder; "
+                       "wait for it to finish") from None
+    previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if previous and previous != str(os.getpid()):
+        log(f"{out_dir}: took over the lock of an earlier run (pid {previous}) that did not finish")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    except BadInput:
+        if created and {p.name for p in out_dir.iterdir()} <= {LOCK_FILE}:  # refused before any work
+            path.unlink(missing_ok=True)
+            out_dir.rmdir()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
 
 
 def backend_class(fmt: str) -> Callable[[ReleaseContext], Backend]:
@@ -78,7 +129,9 @@ def produce_one(backend: Backend, variant: Variant, out_dir: Path, tools: dict[s
     missing = [p for p in produced.files if not p.is_file()]
     if not produced.files or missing:
         raise QuantizeError(f"{variant.id}: the backend reported files it did not write")
+    kill_point("produced")
     placed = _move_into_place(out_dir, variant, staging, produced.files)
+    kill_point("placed")
     manifest = Manifest(
         variant_id=variant.id, format=variant.format, repo_id=variant.repo_id, branch=variant.branch,
         name=variant.name, subdir=variant.subdir, description=variant.description,
@@ -88,6 +141,7 @@ def produce_one(backend: Backend, variant: Variant, out_dir: Path, tools: dict[s
         timings={**produced.timings, "total": round(time.monotonic() - started, 2)},
         quality=produced.quality, notes=produced.notes)
     write_manifest(out_dir, manifest)
+    kill_point("manifest")
     return manifest
 
 
@@ -102,16 +156,24 @@ def check_backends(plan: Plan, context: ReleaseContext) -> dict[str, Backend]:
 
 
 def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
-             on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Make every variant that is not finished yet; a failed variant doesn't stop the others."""
+             on_outcome: Callable[[Outcome], None] | None = None, check_hashes: bool = False) -> list[Outcome]:
+    """Make every variant that is not finished yet; a failed variant doesn't stop the others.
+
+    With `check_hashes` (before publishing) a variant counts as finished only when every file's
+    sha256 matches its manifest: one that doesn't is made again, never published.
+    """
     out_dir = Path(out_dir).resolve()
     context = ReleaseContext(plan, out_dir, log)
-    pending = [v for v in plan.variants if not is_finished(out_dir, v)]
+    finished = {v.id: is_finished(out_dir, v, check_hashes) for v in plan.variants}
+    for variant in plan.variants:
+        if finished[variant.id] is None and read_manifest(out_dir, variant.id) is not None:
+            log(f"{variant.id}: its files no longer match its manifest (or its parameters changed): making it again")
+    pending = [v for v in plan.variants if finished[v.id] is None]
     backends = check_backends(plan.select(names=[v.id for v in pending]), context) if pending else {}
     outcomes = []
     try:
         for variant in plan.variants:
-            outcome = _run_variant(variant, backends.get(variant.format), out_dir, log)
+            outcome = _run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log)
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
@@ -121,8 +183,8 @@ def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
     return outcomes
 
 
-def _run_variant(variant: Variant, backend: Backend | None, out_dir: Path, log: Callable[[str], None]) -> Outcome:
-    finished = is_finished(out_dir, variant)
+def _run_variant(variant: Variant, finished: Manifest | None, backend: Backend | None, out_dir: Path,
+                 log: Callable[[str], None]) -> Outcome:
     if finished or backend is None:
         return Outcome(variant, "skipped", finished)
     started = time.monotonic()

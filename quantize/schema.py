@@ -157,6 +157,7 @@ class Source(Strict):
     prompt_template: str | None = None  # defaults to the tokenizer's chat template, rendered
     prompt_template_name: str | None = None
     card: Path | None = None  # the original model card; defaults to README.md of the model
+    trust_remote_code: bool = False  # run the model's own Python code (auto_map, *.py) in loaders and the converter
 
     @field_validator("hub", "repo_id")
     @classmethod

@@ -7,6 +7,7 @@ model cannot be reached, the facts are None and a warning says so; the plan stil
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -232,8 +233,62 @@ def source_file(recipe: Recipe, filename: str) -> Path | None:
     return _hub_file(recipe.source.hub, recipe.source.revision, filename)
 
 
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def links_out_of(folder: Path) -> list[tuple[Path, Path]]:
+    """Symlinks in `folder` whose targets lie outside it (a Hugging Face cache snapshot's links into
+    its own `blobs/` are inside): (link, target) pairs."""
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/ -> ../../blobs/
+        roots.append((folder.parent.parent / "blobs").resolve())
+    found = []
+    for current, dirs, files in os.walk(folder):  # links to folders are listed, not entered
+        for name in [*dirs, *files]:
+            path = Path(current) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if not any(target == root or root in target.parents for root in roots):
+                    found.append((path, target))
+    return found
+
+
+def _auto_map(path: Path | None) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get("auto_map"))
+
+
+def model_code(recipe: Recipe, folder: Path | None) -> list[str]:
+    """Why loading the model would run its own Python code: auto_map entries, *.py files."""
+    reasons = [f"{name} has an auto_map" for name in CODE_CONFIGS if _auto_map(source_file(recipe, name))]
+    if folder is not None:
+        reasons += [f"{path.relative_to(folder)} is Python code" for path in sorted(folder.rglob("*.py"))]
+    return reasons
+
+
+def check_model_folder(recipe: Recipe, folder: Path | None) -> None:
+    """Before any work: no symlink out of the model folder, and no code of the model's own unless trusted."""
+    if folder is not None:
+        links = links_out_of(folder)
+        if links:
+            link, target = links[0]
+            raise BadInput(f"source.path: {link.relative_to(folder)} is a symlink to {target}, outside the model "
+                           "folder: quantize does not follow it (copy the file into the folder)")
+    if recipe.source.trust_remote_code:
+        return
+    reasons = model_code(recipe, folder)
+    if reasons:
+        more = f" and {len(reasons) - 1} more" if len(reasons) > 1 else ""
+        raise BadInput(f"source: the model ships its own code ({reasons[0]}{more}), which quantize does not run: "
+                       "set source.trust_remote_code: true in the recipe only if you trust that code")
+
+
 def inspect_source(recipe: Recipe) -> SourceModel:
-    """Config facts of the source model; BadInput when a local folder is missing or incomplete."""
+    """Config facts of the source model; BadInput when a local folder is missing or incomplete, has
+    symlinks leading out of it, or ships code of its own the recipe doesn't trust."""
     folder = recipe.resolve(recipe.source.path)
     if folder is not None:
         if folder.exists() and not folder.is_dir():
@@ -242,6 +297,7 @@ def inspect_source(recipe: Recipe) -> SourceModel:
             raise BadInput(f"source.path: model folder {folder} does not exist")
         if not (folder / "config.json").is_file():
             raise BadInput(f"source.path: no config.json in {folder}")
+    check_model_folder(recipe, folder)
     config_file = source_file(recipe, "config.json")
     if config_file is None:
         return SourceModel(None, None, [f"could not reach {recipe.source.hub} on the Hub: planning without size estimates"],

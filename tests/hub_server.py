@@ -59,7 +59,9 @@ branch starts at main's head unless ``startingPoint`` names a branch, tag or com
 when ``.gitattributes`` says so, when it is binary (NUL byte in its first 512 bytes) or when it is at
 least ``lfs_threshold`` bytes (10 MB on the Hub; the ``hub`` fixture uses 1 KiB so tiny test files
 still exercise LFS); the commit endpoint rejects a regular file that should have been LFS and an
-lfsFile whose object isn't stored. Uploaded LFS bytes are checked against their sha256 and size;
+lfsFile whose object isn't stored; a commit whose ``parentCommit`` is not the branch's head is refused
+with 412 "A commit has happened since. Please refresh and try again." (as the Hub answers create_commit's
+``parent_commit``). Uploaded LFS bytes are checked against their sha256 and size;
 objects are stored once (by sha256) but belong to the repos they were uploaded to, like a git-LFS
 server, so the same bytes sent to another repo are uploaded again. LFS downloads are served directly
 (200, no CDN redirect). Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound)
@@ -71,7 +73,8 @@ Request log, state and fault injection (deterministic; each rule is bounded; the
     hub.lfs_upload_puts()                    completed (200) LFS upload PUTs: one per object uploaded
     hub.request_count                        requests received so far (request numbers are 1-based)
     hub.repo(id), hub.files(id, revision), hub.lfs_object_ids()      the stored state
-    hub.fail_next(n, status=503, path_contains=None, method=None)    answer the next n matching requests
+    hub.fail_next(n, status=503, path_contains=None, method=None, headers=None)   answer the next n matching
+                                             requests (headers: e.g. {"Retry-After": "120"} with a 429)
     hub.fail_request_number(k, status=500)   answer request number k
     hub.drop_connection(path_contains=LFS_UPLOAD_PREFIX, after_bytes=N, times=1, method=None)
         with a request body (PUT/POST): read N bytes of it, then close the socket without answering;
@@ -275,6 +278,7 @@ class FaultRule:
     method: str | None = None
     request_number: int | None = None
     after_bytes: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # sent with the injected answer (e.g. Retry-After)
 
     def matches(self, number: int, method: str, path: str) -> bool:
         return (
@@ -386,7 +390,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         entry.body_bytes = len(body)
         if fault is not None:
-            response = error_response(HubError(fault.status, f"Injected failure ({fault.status})"))
+            response = error_response(HubError(fault.status, f"Injected failure ({fault.status})",
+                                               headers=dict(fault.headers)))
         else:
             response = self.hub._dispatch(self._request(body))
         entry.status = response.status
@@ -553,9 +558,10 @@ class HubStandIn:
     # ---- fault injection and the request log -------------------------------------------------
 
     def fail_next(self, n: int = 1, status: int = 503, path_contains: str | None = None,
-                  method: str | None = None) -> None:
-        """Answer the next `n` requests matching `path_contains` / `method` with `status`."""
-        self._add_fault(FaultRule(n, status, path_contains, method))
+                  method: str | None = None, headers: dict[str, str] | None = None) -> None:
+        """Answer the next `n` requests matching `path_contains` / `method` with `status` (and `headers`,
+        e.g. ``{"Retry-After": "120"}`` with a 429, as the Hub's rate limiter sends)."""
+        self._add_fault(FaultRule(n, status, path_contains, method, headers=dict(headers or {})))
 
     def fail_request_number(self, number: int, status: int = 500) -> None:
         """Answer request number `number` (1-based, counted since start; see `request_count`) with `status`."""

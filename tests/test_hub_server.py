@@ -261,6 +261,27 @@ def test_injected_5xx_is_retried_where_the_client_retries(hub, api, repo):
     assert [e.status for e in hub.requests("GET", "/tree/")] == [500, 200]
 
 
+def test_commit_on_a_stale_parent_commit_is_refused_with_412(hub, api, repo):
+    head = api.list_repo_refs(repo).branches[0].target_commit
+    commit(api, {"notes.txt": b"someone else's edit"})
+    with pytest.raises(HfHubHTTPError) as stale:
+        api.create_commit(repo, operations=[CommitOperationAdd(path_in_repo="a.txt", path_or_fileobj=b"a")],
+                          commit_message="on a stale head", parent_commit=head)
+    assert status_of(stale.value) == 412 and "A commit has happened since" in str(stale.value)
+    assert "a.txt" not in hub.files(repo)
+    current = api.list_repo_refs(repo).branches[0].target_commit
+    api.create_commit(repo, operations=[CommitOperationAdd(path_in_repo="a.txt", path_or_fileobj=b"a")],
+                      commit_message="on the head", parent_commit=current)
+    assert set(hub.files(repo)) == {".gitattributes", "notes.txt", "a.txt"}
+
+
+def test_injected_429_carries_retry_after(hub, api, repo):
+    hub.fail_next(1, status=429, path_contains="/commit/", headers={"Retry-After": "900"})
+    with pytest.raises(HfHubHTTPError) as limited:
+        commit(api, {"a.txt": b"a"})
+    assert status_of(limited.value) == 429 and limited.value.response.headers["Retry-After"] == "900"
+
+
 def test_injected_failure_on_a_call_without_retry_surfaces(hub, api, repo):
     hub.fail_request_number(hub.request_count + 1, status=503)
     with pytest.raises(HfHubHTTPError) as unavailable:

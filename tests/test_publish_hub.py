@@ -185,3 +185,212 @@ def test_card_from_hub_keeps_header_footer_and_template_overrides(hub, recording
         assert main(["card", "--from-hub", repo]) == 0
         assert hub.files(repo, "main")["README.md"].decode() == local
         (folder / "header.md").write_text("**Sponsored by the Test Lab.**")
+
+
+# --- publishing that never destroys (issue 11) ------------------------------------------------
+
+GPTQ_REPO, GGUF_REPO, GPTQ_8BIT = "tester/Tiny-Llama-GPTQ", "tester/Tiny-Llama-GGUF", "gptq-8bit--1g-actorder_True"
+
+
+def set_recipe(path: Path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def assert_hub_matches_manifests(hub, out: Path) -> None:
+    """Every local file matches its manifest; every published file its branch's record and the local manifest."""
+    import hashlib
+
+    manifests = {}
+    for path in (out / "manifests").rglob("*.json"):
+        manifest = read_manifest(out, f"{path.parent.name}/{path.stem}")
+        manifests[manifest.variant_id] = manifest
+        for entry in manifest.files:
+            assert sha256_file(out / entry.path) == entry.sha256
+    for repo_id in (GPTQ_REPO, GGUF_REPO):
+        for branch in HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_refs(repo_id).branches:
+            files = hub.files(repo_id, branch.name)
+            for variant in json.loads(files[RECORD_FILE])["variants"]:
+                for entry in variant["files"]:
+                    in_repo = Path(entry["path"]).relative_to(variant["subdir"]).as_posix()
+                    assert hashlib.sha256(files[in_repo]).hexdigest() == entry["sha256"], (repo_id, in_repo)
+                local = manifests.get(variant["variant_id"])
+                if local is not None:
+                    assert {(f.path, f.sha256) for f in local.files} == \
+                           {(f["path"], f["sha256"]) for f in variant["files"]}
+
+
+def test_hand_added_files_on_the_hub_survive_reruns(hub, recording, hub_recipe, tmp_path):
+    out = tmp_path / "out"
+    api.release(hub_recipe, out=out, **QUIET)
+    hf = HfApi(endpoint=hub.endpoint, token=hub.token)
+    chart = b"\x89PNG\r\n\x1a\n\0\0" + b"chart" * 300
+    hf.upload_file(path_or_fileobj=b"# notes\n", path_in_repo="NOTES.md", repo_id=GGUF_REPO)
+    hf.upload_file(path_or_fileobj=chart, path_in_repo="images/chart.png", repo_id=GGUF_REPO)
+    hf.upload_file(path_or_fileobj=b"# 8-bit notes\n", path_in_repo="NOTES.md", repo_id=GPTQ_REPO, revision=GPTQ_8BIT)
+    set_recipe(hub_recipe, lambda d: (d["gguf"].update(types=["Q8_0"]), d["gptq"][1].update(damp=0.05)))
+    result = api.release(hub_recipe, out=out, **QUIET)
+    assert not result.failed
+    files = hub.files(GGUF_REPO, "main")
+    assert set(files) == {".gitattributes", "README.md", RECORD_FILE, "NOTES.md", "images/chart.png",
+                          "Tiny-Llama.Q8_0.gguf"}
+    assert files["images/chart.png"] == chart and files["NOTES.md"] == b"# notes\n"
+    assert hub.files(GPTQ_REPO, GPTQ_8BIT)["NOTES.md"] == b"# 8-bit notes\n"
+    assert_hub_matches_manifests(hub, out)
+
+
+def test_a_partial_release_from_a_fresh_folder_keeps_the_published_gguf_files(hub, recording, hub_recipe, tmp_path):
+    api.release(hub_recipe, out=tmp_path / "first", **QUIET)
+    before = hub.files(GGUF_REPO, "main")["Tiny-Llama.Q4_K_M.gguf"]
+    recording.calls.clear()
+    fresh = tmp_path / "fresh"  # a CI job: no output folder kept from the first run
+    assert main(["release", str(hub_recipe), "--out", str(fresh), "--variants", "Q8_0"]) == 0
+    assert recording.calls == ["gguf/Q8_0"]
+    files = hub.files(GGUF_REPO, "main")
+    assert files["Tiny-Llama.Q4_K_M.gguf"] == before and "Tiny-Llama.Q8_0.gguf" in files
+    record = json.loads(files[RECORD_FILE])
+    assert sorted(v["variant_id"] for v in record["variants"]) == ["gguf/Q4_K_M", "gguf/Q8_0"]
+    assert "[Tiny-Llama.Q4_K_M.gguf]" in files["README.md"].decode()
+    assert (fresh / ".release-id").read_text() == (tmp_path / "first" / ".release-id").read_text()
+    assert {b.name for b in HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_refs(GPTQ_REPO).branches} == {
+        "main", GPTQ_8BIT}
+
+
+def test_a_repo_holding_only_the_users_readme_is_a_collision(hub, recording, hub_recipe, tmp_path, capsys):
+    hf = HfApi(endpoint=hub.endpoint, token=hub.token)
+    hf.create_repo(GPTQ_REPO)
+    hf.upload_file(path_or_fileobj=b"# My own card\n", path_in_repo="README.md", repo_id=GPTQ_REPO)
+    assert main(["release", str(hub_recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{GPTQ_REPO} already exists on the Hub and was not made by quantize" in err
+    assert recording.calls == [] and hub.files(GPTQ_REPO)["README.md"] == b"# My own card\n"
+
+
+def test_another_models_release_with_the_same_names_is_a_collision(hub, recording, hub_recipe, tmp_path, capsys):
+    api.release(hub_recipe, out=tmp_path / "first", **QUIET)
+    commits = len(hub.requests("POST", "/commit/"))
+    set_recipe(hub_recipe, lambda d: d["source"].update(repo_id="someone/another-model"))
+    recording.calls.clear()
+    assert main(["release", str(hub_recipe), "--out", str(tmp_path / "second")]) == 2
+    assert "holds another release (of test-lab/tiny-llama" in capsys.readouterr().err
+    assert recording.calls == [] and len(hub.requests("POST", "/commit/")) == commits
+
+
+def test_release_private_is_applied_to_an_existing_repo(hub, recording, hub_recipe, tmp_path):
+    api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    assert not hub.repo(GPTQ_REPO).private
+    set_recipe(hub_recipe, lambda d: d["release"].update(private=True))
+    api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    assert hub.repo(GPTQ_REPO).private and hub.repo(GGUF_REPO).private
+    set_recipe(hub_recipe, lambda d: d["release"].update(private=False))
+    api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    assert hub.repo(GPTQ_REPO).private  # never made public by a rerun
+
+
+def edit_on_the_hub_before_committing(monkeypatch, hub, times: int):
+    """Someone commits to the branch between our read and our commit, `times` times."""
+    from quantize.publish.hub import HubTarget
+
+    original = HubTarget._operations
+    edits = []
+
+    def racing(self, content, state):
+        operations = original(self, content, state)
+        if len(edits) < times and content.repo_id == GPTQ_REPO and content.branch == "main":
+            edits.append(content.branch)
+            HfApi(endpoint=hub.endpoint, token=hub.token).upload_file(
+                path_or_fileobj=f"edit {len(edits)}\n".encode(), path_in_repo=f"EDIT{len(edits)}.md",
+                repo_id=GPTQ_REPO, revision="main")
+        return operations
+
+    monkeypatch.setattr(HubTarget, "_operations", racing)
+    return edits
+
+
+def test_a_concurrent_edit_is_not_overwritten(hub, recording, hub_recipe, tmp_path, monkeypatch):
+    api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    set_recipe(hub_recipe, lambda d: d["gptq"][0].update(damp=0.05))
+    edit_on_the_hub_before_committing(monkeypatch, hub, times=1)
+    result = api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    assert not result.failed
+    assert 412 in [r.status for r in hub.requests("POST", f"{GPTQ_REPO}/commit/main")]
+    files = hub.files(GPTQ_REPO, "main")
+    assert files["EDIT1.md"] == b"edit 1\n"  # kept, and our variant is there too
+    assert_hub_matches_manifests(hub, tmp_path / "out")
+
+
+def test_a_branch_that_keeps_moving_fails_naming_it(hub, recording, hub_recipe, tmp_path, monkeypatch, capsys):
+    api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    set_recipe(hub_recipe, lambda d: d["gptq"][0].update(damp=0.05))
+    edit_on_the_hub_before_committing(monkeypatch, hub, times=2)
+    assert main(["release", str(hub_recipe), "--out", str(tmp_path / "out")]) == 1
+    assert f"{GPTQ_REPO}@main changed while it was being published, twice" in capsys.readouterr().err
+    assert set(hub.files(GPTQ_REPO, "main")) >= {"EDIT1.md", "EDIT2.md"}
+
+
+def test_a_429_waits_as_long_as_retry_after_says(hub, recording, hub_recipe, tmp_path, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr("quantize.publish.hub._sleep", sleeps.append)
+    hub.fail_next(1, status=429, path_contains="/commit/", headers={"Retry-After": "900"})
+    result = api.release(hub_recipe, out=tmp_path / "out", **QUIET)
+    assert not result.failed and sleeps == [900.0]
+    assert [r.status for r in hub.requests("POST", "/commit/")][:2] == [429, 200]
+
+
+def test_a_429_asking_for_hours_fails_instead_of_hanging(hub, recording, hub_recipe, tmp_path, monkeypatch, capsys):
+    sleeps = []
+    monkeypatch.setattr("quantize.publish.hub._sleep", sleeps.append)
+    hub.fail_next(1, status=429, path_contains="/commit/", headers={"Retry-After": "86400"})
+    assert main(["release", str(hub_recipe), "--out", str(tmp_path / "out")]) == 1
+    assert "the Hub asks to wait 86400 s" in capsys.readouterr().err and sleeps == []
+
+
+def test_non_transient_errors_fail_at_once(hub, recording, hub_recipe, tmp_path, monkeypatch, capsys):
+    sleeps = []
+    monkeypatch.setattr("quantize.publish.hub._sleep", sleeps.append)
+    hub.fail_next(1, status=400, path_contains="/commit/")
+    assert main(["release", str(hub_recipe), "--out", str(tmp_path / "out")]) == 1
+    assert "HTTP 400" in capsys.readouterr().err
+    assert len(hub.requests("POST", "/commit/")) == 1 and sleeps == []
+
+    calls = []
+
+    def unreadable(*args, **kwargs):
+        calls.append(1)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(HfApi, "create_commit", unreadable)
+    assert main(["release", str(hub_recipe), "--out", str(tmp_path / "out")]) == 1
+    assert "PermissionError" in capsys.readouterr().err and calls == [1] and sleeps == []
+
+
+def test_same_size_corruption_is_made_again_and_never_uploaded(hub, recording, hub_recipe, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    api.release(hub_recipe, out=out, **QUIET)
+    weights = out / "gptq" / GPTQ_8BIT / "model.safetensors"
+    good, stat = weights.read_bytes(), weights.stat()
+    weights.write_bytes(good[:5] + bytes([good[5] ^ 1]) + good[6:])
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    recording.calls.clear()
+    result = api.release(hub_recipe, out=out, **QUIET)
+    assert recording.calls == [f"gptq/{GPTQ_8BIT}"] and not result.failed
+    assert hub.files(GPTQ_REPO, GPTQ_8BIT)["model.safetensors"] == good == weights.read_bytes()
+
+
+@pytest.mark.parametrize("point", ["hub-branch", "hub-commit", "published"])
+def test_killed_while_publishing_to_the_hub_then_rerun_ends_intact(hub, recording, hub_recipe, tmp_path, point):
+    import os
+
+    out = tmp_path / "out"
+    script = ("import sys; from tests.conftest import RecordingBackend; import quantize.runner as r; "
+              "r.backend_class = lambda fmt: RecordingBackend; from quantize.cli import main; "
+              f"sys.exit(main(['release', {str(hub_recipe)!r}, '--out', {str(out)!r}]))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "QUANTIZE_TEST_KILL_AT": point},
+                          start_new_session=True, capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    result = api.release(hub_recipe, out=out, **QUIET)
+    assert not result.failed and len(result.published) == 3
+    assert_hub_matches_manifests(hub, out)

@@ -88,16 +88,20 @@ def plan_card_inputs(plan: Plan, manifests: dict[str, Manifest], original: Origi
                       original, prompt, assets)
 
 
-def local_card_inputs(plan: Plan, out_dir: Path, include_planned: bool = False) -> CardInputs:
-    """Card inputs from the manifests in `out_dir` (and the plan, for planned variants)."""
+def local_card_inputs(plan: Plan, out_dir: Path, include_planned: bool = False,
+                      manifests: dict[str, Manifest] | None = None) -> CardInputs:
+    """Card inputs from the manifests in `out_dir` (or `manifests`; and the plan, for planned variants)."""
     recipe = plan.recipe
-    return plan_card_inputs(plan, collect_manifests(plan, out_dir), load_original_card(recipe),
+    found = collect_manifests(plan, out_dir) if manifests is None else manifests
+    return plan_card_inputs(plan, found, load_original_card(recipe),
                             prompt_template(recipe), card_assets(recipe), include_planned)
 
 
-def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write: bool = True) -> list[RenderedCard]:
-    """Render every repo's card from the manifests in `out_dir`; write them to <out>/cards/<repo>/."""
-    inputs = local_card_inputs(plan, out_dir, include_planned)
+def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write: bool = True,
+                 manifests: dict[str, Manifest] | None = None) -> list[RenderedCard]:
+    """Render every repo's card from the manifests in `out_dir` (or the given ones: what a publish puts
+    on the branches, published variants not made here included); write them to <out>/cards/<repo>/."""
+    inputs = local_card_inputs(plan, out_dir, include_planned, manifests)
     gaps = inputs.gaps()
     unreachable = f" (could not reach {plan.source.hub} on the Hub)" if plan.source.facts is None and plan.source.hub else ""
     cards = []

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
-from jinja2 import ChoiceLoader, DictLoader, Environment, FileSystemLoader, StrictUndefined, TemplateError
+from jinja2 import ChoiceLoader, DictLoader, FileSystemLoader, StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
 
 from ..errors import BadInput
 from ..schema import HUB_ID
@@ -30,11 +31,13 @@ FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 CELL_EDGE = re.compile(r"(?<!\\)\|")
 
 
-def environment(overrides: dict[str, str] | None = None) -> Environment:
-    """Built-in templates, with a recipe's overrides (name -> text) taking precedence."""
+def environment(overrides: dict[str, str] | None = None) -> SandboxedEnvironment:
+    """Built-in templates, with a recipe's overrides (name -> text) taking precedence. Sandboxed: a
+    template (a recipe's, or one carried in a published record) reaches no Python internals."""
     loader = ChoiceLoader([DictLoader(dict(overrides or {})), FileSystemLoader(str(BUILTIN_TEMPLATES))])
-    env = Environment(loader=loader, autoescape=False,
-                      undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env = SandboxedEnvironment(loader=loader, autoescape=False,
+                               undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+                               lstrip_blocks=True)
     env.filters.update(FILTERS)
     return env
 

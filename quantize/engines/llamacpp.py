@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput, WorkFailed
+from ..toolenv import tool_env
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with VERSION in scripts/setup_llamacpp.sh
 FOLDER_ENV = "QUANTIZE_LLAMA_CPP"
@@ -68,11 +69,11 @@ class LlamaCpp:
         return binary_version(self.tool("llama-perplexity")) or "unknown"
 
     def converter_env(self) -> dict[str, str]:
-        """The environment for the converter: its own gguf-py first (PyPI's gguf lags behind)."""
-        env = dict(os.environ)
+        """The converter's environment: minimal (no tokens), offline, its own gguf-py first (PyPI's gguf
+        lags behind)."""
         paths = [str(self.root / "gguf-py")] if (self.root / "gguf-py").is_dir() else []
-        env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
-        return env
+        pythonpath = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        return tool_env({"PYTHONPATH": pythonpath} if pythonpath else {}, hf_offline=True)
 
 
 def cache_root() -> Path:
@@ -126,7 +127,7 @@ def binary_version(binary: Path) -> str | None:
     """What `<tool> --version` says, e.g. "0.5.0-dev (build 1, commit 0c1e570)"; None when it can't tell."""
     try:
         result = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                                errors="replace", timeout=VERSION_TIMEOUT_S)
+                                errors="replace", timeout=VERSION_TIMEOUT_S, env=tool_env())
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = TOOL_VERSION.search(result.stdout + result.stderr)
@@ -174,10 +175,14 @@ class ToolOutput:
 
 def run_tool(command: list[str | Path], log_file: Path, cwd: Path | None = None,
              env: dict[str, str] | None = None) -> ToolOutput:
-    """Run one tool to completion; its full output goes to `log_file`; failure is a one-line WorkFailed."""
+    """Run one tool to completion; its full output goes to `log_file`; failure is a one-line WorkFailed.
+
+    The tool gets `env`, else a minimal environment without tokens (quantize.toolenv), never ours.
+    """
     args = [str(part) for part in command]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, errors="replace")
+    result = subprocess.run(args, cwd=cwd, env=env if env is not None else tool_env(), capture_output=True,
+                            text=True, errors="replace")
     log_file.write_text(f"$ {' '.join(args)}\n# exit {result.returncode}\n--- stdout\n{result.stdout}\n"
                         f"--- stderr\n{result.stderr}\n")
     if result.returncode != 0:

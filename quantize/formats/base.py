@@ -128,11 +128,16 @@ class ReleaseContext:
 
         return Path(snapshot_download(source.hub, revision=source.revision))
 
+    @property
+    def trust_remote_code(self) -> bool:
+        """Whether the model's own Python code may run (the recipe's `source.trust_remote_code`)."""
+        return self.plan.recipe.source.trust_remote_code
+
     @cached_property
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_path)
+        return AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
 
 
 class Backend(ABC):

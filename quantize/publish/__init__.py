@@ -1,8 +1,13 @@
 """Publishing: put every produced variant on its repo and branch, with the cards, and verify it.
 
-layout.py says what each branch must hold (pure); local.py (bare git repos on disk) and hub.py
-(the Hugging Face Hub through huggingface_hub) make a branch hold exactly that and report what
-it holds, so the same verification runs for both.
+layout.py says what each branch must hold and what to change to get there (pure); ownership.py
+proves the repos are this release's; local.py (bare git repos on disk) and hub.py (the Hugging
+Face Hub through huggingface_hub) read a branch's state and apply the changes, committing only on
+top of the head they read; the same verification runs for both.
+
+Only files quantize made (listed in each branch's record) are ever replaced or deleted. A run that
+made only some variants (`--variants`, or a fresh output folder) keeps the published files and
+record entries of the others, so the card and the record describe the whole branch.
 """
 
 from __future__ import annotations
@@ -11,20 +16,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..errors import WorkFailed
+from pydantic import ValidationError
+
 from ..card.context import CardAssets
 from ..card.original import PromptTemplate
-from ..manifest import Manifest
+from ..errors import WorkFailed
+from ..killpoints import kill_point
+from ..manifest import Manifest, mismatches, read_manifest
 from ..plan import Plan
-from .layout import BranchContent, branch_contents, is_lfs
+from .layout import BranchContent, BranchState, ReleaseIdentity, RemoteFile, branch_contents, branch_mismatches, is_lfs
+from .ownership import claim_release
+
+__all__ = ["BranchMoved", "PublishedBranch", "Target", "branch_mismatches", "carried_manifests", "claim",
+           "is_lfs", "local_manifests", "make_target", "publish_release", "read_states"]
+
+
+class BranchMoved(Exception):
+    """The branch's head is no longer the commit its state was read at (someone committed meanwhile)."""
 
 
 class Target(Protocol):
+    where: str  # for messages: "on the Hub", "in <folder>"
+
     def check(self, repo_ids: list[str]) -> None: ...
 
-    def publish(self, content: BranchContent, log: Callable[[str], None]) -> list[str]: ...
+    def read_states(self, repo_id: str) -> dict[str, BranchState]: ...  # {} when the repo doesn't exist
 
-    def remote_files(self, content: BranchContent) -> dict[str, tuple[int, str | None]]: ...
+    def branch_state(self, repo_id: str, branch: str) -> BranchState: ...
+
+    def prepare_repo(self, repo_id: str, log: Callable[[str], None]) -> bool: ...  # True when it was created
+
+    def publish(self, content: BranchContent, state: BranchState, log: Callable[[str], None]) -> list[str]: ...
+
+    def remote_files(self, content: BranchContent) -> dict[str, RemoteFile]: ...
 
 
 @dataclass
@@ -33,25 +57,6 @@ class PublishedBranch:
     branch: str
     files: list[str]
     uploaded: list[str]  # paths whose bytes were sent (or stored) in this run
-
-
-def branch_mismatches(content: BranchContent, remote: dict[str, tuple[int, str | None]]) -> list[str]:
-    """What the remote branch holds that differs from what it should hold."""
-    wanted = set(content.all_paths())
-    present = set(remote) - {".gitattributes"}
-    problems = [f"{path}: missing on the remote" for path in sorted(wanted - present)]
-    problems += [f"{path}: on the remote but not part of the variant" for path in sorted(present - wanted)]
-    for path in sorted(wanted & present):
-        size, sha256 = remote[path]
-        if path in content.generated:
-            expected_size, expected_sha = len(content.generated[path]), None
-        else:
-            expected_size, expected_sha = content.expected.get(path, (content.files[path].stat().st_size, None))
-        if size != expected_size:
-            problems.append(f"{path}: remote size {size} != {expected_size}")
-        elif is_lfs(path) and expected_sha and sha256 != expected_sha:
-            problems.append(f"{path}: remote sha256 differs from the manifest")
-    return problems
 
 
 def make_target(plan: Plan, out_dir: Path) -> Target:
@@ -65,17 +70,108 @@ def make_target(plan: Plan, out_dir: Path) -> Target:
     return HubTarget(private=plan.recipe.release.private)
 
 
+def written_branches(plan: Plan) -> dict[str, set[str]]:
+    branches: dict[str, set[str]] = {}
+    for variant in plan.variants:
+        branches.setdefault(variant.repo_id, set()).add(variant.branch)
+    return branches
+
+
+def read_states(target: Target, plan: Plan) -> dict[str, dict[str, BranchState]]:
+    """Every branch of every existing release repo: head, files, record."""
+    return {repo_id: states for repo_id in written_branches(plan) if (states := target.read_states(repo_id))}
+
+
+def claim(plan: Plan, out_dir: Path, target: Target) -> ReleaseIdentity:
+    """Before any work: this release's identity; BadInput when a repo or branch belongs to someone else."""
+    return claim_release(plan, out_dir, read_states(target, plan), written_branches(plan), target.where)
+
+
+def local_manifests(plan: Plan, out_dir: Path, verified: set[str], log: Callable[[str], None]) -> dict[str, Manifest]:
+    """The manifests of the output folder whose files all match them (sha256); `verified` were checked already."""
+    found = {}
+    for variant in plan.variants:
+        manifest = read_manifest(out_dir, variant.id)
+        if manifest is None:
+            continue
+        if variant.id not in verified:
+            problems = mismatches(out_dir, manifest, check_hashes=True)
+            if problems:
+                log(f"{variant.id}: not published: {problems[0]} (run with --variants {variant.name} to make it again)")
+                continue
+        found[variant.id] = manifest
+    return found
+
+
+def carried_manifests(plan: Plan, local: dict[str, Manifest],
+                      states: dict[str, dict[str, BranchState]]) -> dict[str, Manifest]:
+    """Published variants of the plan that this output folder did not make, whose files are all still on
+    their branch: they stay as they are, in the record and on the card."""
+    variants = {v.id: v for v in plan.variants}
+    carried = {}
+    for repo_id, branches in states.items():
+        for branch, state in branches.items():
+            for raw in (state.record or {}).get("variants") or []:
+                try:
+                    manifest = Manifest.model_validate(raw)
+                except ValidationError:
+                    continue
+                variant = variants.get(manifest.variant_id)
+                if variant is None or variant.id in local or (variant.repo_id, variant.branch) != (repo_id, branch):
+                    continue
+                held = [state.files.get(manifest.repo_path(entry)) for entry in manifest.files]
+                if all(h is not None and h.size == e.size and h.sha256 in (None, e.sha256)
+                       for h, e in zip(held, manifest.files)):
+                    carried[variant.id] = manifest
+    return carried
+
+
+def _check_owner(content: BranchContent, state: BranchState, identity: ReleaseIdentity, where: str) -> None:
+    """The branch still belongs to this release (it could have changed since the check before the work)."""
+    at = f"{content.repo_id}@{content.branch}"
+    release = state.release or {}
+    if state.record is None and state.foreign_files():
+        raise WorkFailed(f"publish: {at} now holds files not made by quantize {where}: not published (name collision)")
+    if release.get("id") and release["id"] != identity.id:
+        raise WorkFailed(f"publish: {at} now holds another release (release id {release['id']}): not published")
+
+
 def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, str],
                     prompt: PromptTemplate, assets: CardAssets, target: Target,
-                    log: Callable[[str], None] = print) -> list[PublishedBranch]:
-    """Publish every produced variant's branch, then verify each one against its manifest."""
+                    log: Callable[[str], None] = print, identity: ReleaseIdentity | None = None,
+                    carried: dict[str, Manifest] | None = None,
+                    states: dict[str, dict[str, BranchState]] | None = None) -> list[PublishedBranch]:
+    """Publish every produced variant's branch on top of the state read, then verify each one.
+
+    A branch that moved meanwhile is read again and the changes recomputed, once; a second move
+    fails naming the branch.
+    """
+    identity = identity or ReleaseIdentity("unset", "", plan.recipe.release.basename)
+    carried = carried or {}
+    states = dict(states if states is not None else read_states(target, plan))
+    contents = branch_contents(plan, out_dir, {**carried, **manifests}, cards, prompt, assets, identity, set(carried))
+    for repo_id in dict.fromkeys(content.repo_id for content in contents):
+        if target.prepare_repo(repo_id, log) or repo_id not in states:
+            states[repo_id] = target.read_states(repo_id)
     published = []
-    for content in branch_contents(plan, out_dir, manifests, cards, prompt, assets):
-        uploaded = target.publish(content, log)
-        problems = branch_mismatches(content, target.remote_files(content))
+    for content in contents:
+        state = states[content.repo_id].get(content.branch) or BranchState(None)
+        for attempt in range(2):
+            _check_owner(content, state, identity, target.where)
+            try:
+                uploaded = target.publish(content, state, log)
+                break
+            except BranchMoved:
+                if attempt:
+                    raise WorkFailed(f"publish: {content.repo_id}@{content.branch} changed while it was being "
+                                     "published, twice (someone else commits to it): not published; rerun") from None
+                log(f"{content.repo_id}@{content.branch}: changed meanwhile: reading it again")
+                state = target.branch_state(content.repo_id, content.branch)
+        problems = branch_mismatches(content, target.remote_files(content), state.owned())
         if problems:
             raise WorkFailed(f"{content.repo_id}@{content.branch}: verification failed: {problems[0]}"
                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         log(f"{content.repo_id}@{content.branch}: published and verified ({len(uploaded)} file(s) sent)")
         published.append(PublishedBranch(content.repo_id, content.branch, content.all_paths(), uploaded))
+        kill_point("published")
     return published

@@ -1,16 +1,23 @@
 """Publish to the Hugging Face Hub with huggingface_hub: repos, one branch per variant, verified.
 
-Every step is idempotent: a branch is synced (files whose size and hash already match are not
-sent, files that are not the variant's are deleted), so a rerun after any interruption finishes
-the job. Transient failures (5xx, 429, timeouts, dropped connections) are retried with backoff.
-The token comes from HF_TOKEN or the huggingface_hub login and is never printed.
+Every step is idempotent: a branch is synced (files whose size and hash already match are not sent,
+files quantize made that are no longer the variant's are deleted, files it didn't make stay), so a
+rerun after any interruption finishes the job. Each commit names the head it was computed on
+(`parent_commit`): when the branch moved meanwhile the Hub refuses it (412) and the branch is read
+again. Transient failures (5xx, 408, 429, timeouts, dropped connections) are retried with backoff,
+429 after the Retry-After the Hub asks for; anything else (a 4xx, a local file that can't be read)
+fails at once. The token comes from HF_TOKEN or the huggingface_hub login and is never printed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import tempfile
 import time
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Callable
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -18,17 +25,15 @@ from huggingface_hub.utils import disable_progress_bars
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from ..errors import BadInput, WorkFailed
-from ..manifest import sha256_file
-from .layout import RECORD_FILE, BranchContent, is_lfs
+from ..killpoints import kill_point
+from . import BranchMoved
+from .layout import RECORD_FILE, BranchContent, BranchState, RemoteFile, plan_changes
 
 RETRIES = 6
 RETRY_BASE_SECONDS = float(os.environ.get("QUANTIZE_RETRY_BASE_SECONDS", "2"))
+MAX_RETRY_AFTER_SECONDS = 3600  # a 429 asking for longer fails (rerun later) rather than hang the job
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-def git_blob_id(data: bytes) -> str:
-    """The id git (and the Hub) gives a regular file's content."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+PRECONDITION_FAILED = 412  # create_commit's parent_commit is no longer the branch's head
 
 
 def _status(exc: Exception) -> int | None:
@@ -37,9 +42,28 @@ def _status(exc: Exception) -> int | None:
 
 
 def _is_transient(exc: Exception) -> bool:
+    """Worth retrying: the Hub or the network failing for a while, never a local file or a 4xx."""
     if isinstance(exc, HfHubHTTPError):
-        return _status(exc) in TRANSIENT_STATUS or _status(exc) is None
-    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__module__.startswith(("httpx", "httpcore"))
+        return _status(exc) in TRANSIENT_STATUS or (_status(exc) is None and exc.__cause__ is not None
+                                                    and _is_transient(exc.__cause__))
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def retry_after(exc: Exception) -> float | None:
+    """The seconds a 429's Retry-After asks for (delay-seconds or an HTTP date), None without one."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    value = str(headers.get("Retry-After") or headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _explain(exc: Exception, repo_id: str) -> str:
@@ -53,25 +77,40 @@ def _explain(exc: Exception, repo_id: str) -> str:
     return f"{repo_id}: {type(exc).__name__} (HTTP {status})" if status else f"{repo_id}: {type(exc).__name__}"
 
 
+def _sleep(seconds: float) -> None:
+    """How retries wait (tests replace it, so a long Retry-After costs them nothing)."""
+    time.sleep(seconds)
+
+
 class HubTarget:
     def __init__(self, private: bool = False, endpoint: str | None = None, token: str | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] | None = None):
         self.api = HfApi(endpoint=endpoint, token=token)
         disable_progress_bars()  # our own log says what is uploaded; per-file bars flood CI logs
         self.private = private
         self.sleep = sleep
+        self.where = "on the Hub"
+        self._initial: dict[str, str] = {}
 
-    def _retrying(self, what: str, repo_id: str, action: Callable):
+    def _retrying(self, what: str, repo_id: str, action: Callable, branch: str | None = None):
         for attempt in range(RETRIES):
             try:
                 return action()
+            except BranchMoved:
+                raise
             except Exception as exc:
+                if branch is not None and _status(exc) == PRECONDITION_FAILED:
+                    raise BranchMoved(branch) from None
                 if not _is_transient(exc) or attempt == RETRIES - 1:
                     raise WorkFailed(f"publish: {_explain(exc, repo_id)} while {what}") from None
-                self.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
+                wait = retry_after(exc) if _status(exc) == 429 else None
+                if wait is not None and wait > MAX_RETRY_AFTER_SECONDS:
+                    raise WorkFailed(f"publish: {repo_id}: the Hub asks to wait {wait:.0f} s before more requests "
+                                     f"(429) while {what}: rerun later") from None
+                (self.sleep or _sleep)(wait if wait is not None else RETRY_BASE_SECONDS * 2 ** attempt)
 
     def check(self, repo_ids: list[str]) -> None:
-        """Before any work: a token that works, write access to the namespaces, no foreign repos."""
+        """Before any work: a token that works and write access to the namespaces."""
         if not self.api.token and not _stored_token():
             raise BadInput("publish: no Hugging Face token: set HF_TOKEN or run `hf auth login` "
                            "(or use publish.target: local)")
@@ -87,66 +126,115 @@ class HubTarget:
             namespace = repo_id.split("/")[0]
             if role == "read" or namespace not in allowed:
                 raise BadInput(f"publish: the token ({identity.get('name')}) cannot write to namespace {namespace!r}")
-            self._check_not_foreign(repo_id)
 
-    def _check_not_foreign(self, repo_id: str) -> None:
+    # --- reading ---------------------------------------------------------------------------
+
+    def _heads(self, repo_id: str) -> dict[str, str] | None:
+        """branch -> head commit; None when the repo doesn't exist."""
+        def read():
+            try:
+                return {ref.name: ref.target_commit for ref in self.api.list_repo_refs(repo_id).branches}
+            except RepositoryNotFoundError:
+                return None
+        return self._retrying("reading its branches", repo_id, read)
+
+    def _download(self, repo_id: str, path: str, revision: str) -> bytes:
+        with tempfile.TemporaryDirectory() as cache:
+            return Path(self.api.hf_hub_download(repo_id, path, revision=revision, cache_dir=cache)).read_bytes()
+
+    def _files_at(self, repo_id: str, revision: str) -> dict[str, RemoteFile]:
+        entries = self._retrying(f"listing {revision}", repo_id, lambda: list(self.api.list_repo_tree(
+            repo_id, revision=revision, recursive=True, expand=False)))
+        return {entry.path: RemoteFile(entry.lfs.size, entry.lfs.sha256) if entry.lfs else
+                RemoteFile(entry.size, blob_id=entry.blob_id) for entry in entries if hasattr(entry, "blob_id")}
+
+    def _state_at(self, repo_id: str, head: str) -> BranchState:
+        files = self._files_at(repo_id, head)
+        record = None
+        if RECORD_FILE in files:
+            data = self._retrying(f"reading {RECORD_FILE}", repo_id, lambda: self._download(repo_id, RECORD_FILE, head))
+            try:
+                record = json.loads(data)
+            except ValueError:
+                record = None
+        return BranchState(head, files, record if isinstance(record, dict) else None)
+
+    def read_states(self, repo_id: str) -> dict[str, BranchState]:
+        heads = self._heads(repo_id)
+        return {branch: self._state_at(repo_id, head) for branch, head in (heads or {}).items()}
+
+    def branch_state(self, repo_id: str, branch: str) -> BranchState:
+        head = (self._heads(repo_id) or {}).get(branch)
+        return self._state_at(repo_id, head) if head else BranchState(None)
+
+    def remote_files(self, content: BranchContent) -> dict[str, RemoteFile]:
+        return self._files_at(content.repo_id, content.branch)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def prepare_repo(self, repo_id: str, log: Callable[[str], None] = print) -> bool:
+        """The repo exists (made private if the recipe says so, also when it existed); True when made now."""
+        def ensure() -> bool:
+            try:
+                info = self.api.repo_info(repo_id)
+            except RepositoryNotFoundError:
+                self.api.create_repo(repo_id, private=self.private, exist_ok=True)
+                return True
+            if self.private and not info.private:
+                self.api.update_repo_settings(repo_id, private=True)
+                log(f"{repo_id}: made private (release.private)")
+            return False
+        return self._retrying("creating the repo", repo_id, ensure)
+
+    def _initial_commit(self, repo_id: str) -> str:
+        """main's first commit: where a new branch starts, so it holds nothing of another branch."""
+        if repo_id not in self._initial:
+            commits = self._retrying("reading main's history", repo_id,
+                                     lambda: self.api.list_repo_commits(repo_id, revision="main"))
+            self._initial[repo_id] = commits[-1].commit_id
+        return self._initial[repo_id]
+
+    def _create_branch(self, repo_id: str, branch: str, start: str) -> None:
         try:
-            files = [f.path for f in self.api.list_repo_tree(repo_id, recursive=True)]
-        except RepositoryNotFoundError:
-            return
+            self.api.create_branch(repo_id, branch=branch, revision=start, exist_ok=False)
         except HfHubHTTPError as exc:
-            raise BadInput(f"publish: {_explain(exc, repo_id)}") from None
-        if set(files) - {".gitattributes", "README.md"} and RECORD_FILE not in files:
-            raise BadInput(f"publish: {repo_id} already exists on the Hub and was not made by quantize "
-                           "(name collision): choose another release.basename or namespace")
+            if _status(exc) == 409:
+                raise BranchMoved(branch) from None  # made meanwhile: read it
+            raise
 
-    def _tree(self, content: BranchContent) -> dict:
-        return {entry.path: entry for entry in self.api.list_repo_tree(
-            content.repo_id, revision=content.branch, recursive=True, expand=False) if hasattr(entry, "size")}
-
-    def _ensure_branch(self, content: BranchContent) -> None:
-        self.api.create_repo(content.repo_id, private=self.private, exist_ok=True)
-        if content.branch != "main":
-            self.api.create_branch(content.repo_id, branch=content.branch, exist_ok=True)
-
-    def _operations(self, content: BranchContent, remote: dict) -> list:
-        """Adds for what the branch lacks or holds differently, deletes for what isn't the variant's."""
+    def _operations(self, content: BranchContent, state: BranchState) -> list:
+        changes = plan_changes(content, state)
         operations = []
-        for path, local in sorted(content.files.items()):
-            size, sha256 = content.expected.get(path) or (local.stat().st_size, sha256_file(local))
-            if not _same_file(remote.get(path), size, sha256, local.read_bytes if not is_lfs(path) else None):
-                operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)))
-        for path, data in sorted(content.generated.items()):
-            if not _same_file(remote.get(path), len(data), hashlib.sha256(data).hexdigest(), lambda d=data: d):
-                operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=data))
-        wanted = set(content.all_paths()) | {".gitattributes"}
-        operations += [CommitOperationDelete(path_in_repo=path) for path in sorted(set(remote) - wanted)]
-        return operations
+        for path in changes.adds:
+            if path in content.generated:
+                operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=content.generated[path]))
+                continue
+            try:
+                operation = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(content.files[path]))
+            except (OSError, ValueError) as exc:
+                raise WorkFailed(f"publish: {path}: cannot read {content.files[path]} ({exc})") from None
+            if operation.upload_info.sha256.hex() != content.expected[path][1]:  # hashed just now, as sent
+                raise WorkFailed(f"publish: {path}: the file's sha256 differs from its manifest: not published "
+                                 "(rerun: the variant is made again)")
+            operations.append(operation)
+        return operations + [CommitOperationDelete(path_in_repo=path) for path in changes.deletes]
 
-    def _sync(self, content: BranchContent) -> list[str]:
-        self._ensure_branch(content)
-        operations = self._operations(content, self._tree(content))
+    def publish(self, content: BranchContent, state: BranchState, log: Callable[[str], None] = print) -> list[str]:
+        """Commit the branch's changes on top of `state.head`; BranchMoved when it moved meanwhile."""
+        repo_id, branch = content.repo_id, content.branch
+        if state.head is None:
+            start = self._initial_commit(repo_id)
+            self._retrying(f"creating branch {branch}", repo_id, lambda: self._create_branch(repo_id, branch, start),
+                           branch)
+            kill_point("hub-branch")
+            state = BranchState(start, self._files_at(repo_id, start), None)
+        operations = self._operations(content, state)
         if operations:
-            self.api.create_commit(content.repo_id, operations=operations, revision=content.branch,
-                                   commit_message=f"quantize: upload {content.branch}")
+            self._retrying(f"uploading {branch}", repo_id, lambda: self.api.create_commit(
+                repo_id, operations=operations, revision=branch, parent_commit=state.head,
+                commit_message=f"quantize: upload {branch}"), branch)
+            kill_point("hub-commit")
         return [op.path_in_repo for op in operations if isinstance(op, CommitOperationAdd)]
-
-    def publish(self, content: BranchContent, log: Callable[[str], None] = print) -> list[str]:
-        return self._retrying(f"uploading {content.branch}", content.repo_id, lambda: self._sync(content))
-
-    def remote_files(self, content: BranchContent) -> dict[str, tuple[int, str | None]]:
-        tree = self._retrying(f"listing {content.branch}", content.repo_id, lambda: self._tree(content))
-        return {path: (entry.lfs.size if entry.lfs else entry.size, entry.lfs.sha256 if entry.lfs else None)
-                for path, entry in tree.items()}
-
-
-def _same_file(entry, size: int, sha256: str, read_bytes: Callable[[], bytes] | None) -> bool:
-    """Whether a remote tree entry already holds this content (LFS: sha256; regular: git blob id)."""
-    if entry is None:
-        return False
-    if entry.lfs is not None:
-        return entry.lfs.size == size and entry.lfs.sha256 == sha256
-    return entry.size == size and read_bytes is not None and entry.blob_id == git_blob_id(read_bytes())
 
 
 def _stored_token() -> str | None:

@@ -20,9 +20,10 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, Repositor
 from ..card.context import CardAssets, CardEntry, CardInputs
 from ..card.original import OriginalCard, PromptTemplate, split_card
 from ..card.render import render_card
-from ..errors import BadInput
+from ..errors import BadInput, WorkFailed
 from ..manifest import Manifest
 from ..recipe import Recipe
+from . import BranchMoved
 from .hub import HubTarget
 from .layout import CARD_FILE, RECORD_FILE
 
@@ -118,14 +119,25 @@ class HubCardRegenerator:
         text, branches = self.render(repo_id)
         updates = []
         for branch in branches:
-            current = (self._read(repo_id, CARD_FILE, branch) or b"").decode("utf-8")
+            for attempt in range(2):  # on top of the head read; a branch that moved meanwhile is read again, once
+                head = (self.target._heads(repo_id) or {}).get(branch)
+                current = (self._read(repo_id, CARD_FILE, head or branch) or b"").decode("utf-8")
+                changed = current != text
+                if not changed or dry_run:
+                    break
+                try:
+                    self.target._retrying(f"pushing README.md to {branch}", repo_id, lambda b=branch, h=head:
+                                          self.api.create_commit(repo_id, operations=[CommitOperationAdd(
+                                              path_in_repo=CARD_FILE, path_or_fileobj=text.encode())],
+                                              revision=b, parent_commit=h,
+                                              commit_message="quantize: regenerate model card"), branch)
+                    self.log(f"{repo_id}@{branch}: README.md updated")
+                    break
+                except BranchMoved:
+                    if attempt:
+                        raise WorkFailed(f"card --from-hub: {repo_id}@{branch} changed while its README.md was "
+                                         "being pushed, twice: rerun") from None
             diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
                                                 f"{branch}/README.md (Hub)", f"{branch}/README.md (new)"))
-            changed = current != text
-            if changed and not dry_run:
-                self.target._retrying(f"pushing README.md to {branch}", repo_id, lambda b=branch: self.api.create_commit(
-                    repo_id, operations=[CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=text.encode())],
-                    revision=b, commit_message="quantize: regenerate model card"))
-                self.log(f"{repo_id}@{branch}: README.md updated")
             updates.append(CardUpdate(branch, changed, diff))
         return updates

@@ -220,7 +220,7 @@ class GPTQHessians(Artifact):
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
         from .setup import load_unquantized
 
-        model = load_unquantized(store.context.model_path, "float32")
+        model = load_unquantized(store.context.model_path, "float32", trust_remote_code=store.context.trust_remote_code)
         hessians = capture_hessians(model, store.value(self.windows))
         save_hessians(hessians, folder)
         return {"tokens": hessians.tokens, "matrices": len(hessians.matrices), "modules": len(decoder_linears(model))}

@@ -36,7 +36,7 @@ def eager_torch() -> Iterator[None]:
         yield
 
 
-def load_unquantized(model_path, dtype: str, quantize_config=None):
+def load_unquantized(model_path, dtype: str, quantize_config=None, trust_remote_code: bool = False):
     """The fp16 model from disk as GPTQModel's wrapper, computing in `dtype`."""
     import torch
 
@@ -44,7 +44,7 @@ def load_unquantized(model_path, dtype: str, quantize_config=None):
     from gptqmodel import GPTQModel, QuantizeConfig
 
     config = quantize_config or QuantizeConfig(bits=4, group_size=128, offload_to_disk=False)
-    return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype))
+    return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
 
 
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents

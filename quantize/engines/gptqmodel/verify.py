@@ -33,7 +33,7 @@ def check_release_folder(folder: Path, fmt: WeightFormat, spec: Any) -> None:
             raise WorkFailed(f"{file_name}: quantization fields {wrong} differ from {({k: wanted[k] for k in wrong})}")
 
 
-def load_quantized(folder: Path, fmt: WeightFormat, spec: Any):
+def load_quantized(folder: Path, fmt: WeightFormat, spec: Any, trust_remote_code: bool = False):
     """The variant as a user loads it: transformers' AutoModelForCausalLM, on the CPU."""
     from transformers import AutoModelForCausalLM
 
@@ -42,7 +42,7 @@ def load_quantized(folder: Path, fmt: WeightFormat, spec: Any):
     with eager_torch(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # we only pick the kernel
         model = AutoModelForCausalLM.from_pretrained(
-            folder, device_map="cpu", dtype=EVAL_DTYPE,
+            folder, device_map="cpu", dtype=EVAL_DTYPE, trust_remote_code=trust_remote_code,
             quantization_config=fmt.transformers_loading_config(spec))
     if not any(hasattr(m, "qweight") for m in model.modules()):
         raise WorkFailed(f"{folder.name}: transformers loaded no quantized layer")

@@ -138,7 +138,8 @@ class GPTQModelBackend(Backend):
             batch = calibration_batch(store.value(windows))
         dtype = fmt.compute_dtype(source_dtype(self.source_config))
         with clock.stage("load"):
-            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec))
+            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec),
+                                     self.context.trust_remote_code)
         hessians = needed(variant, GPTQHessians, required=False)
         if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
             folder = store.get(hessians).folder
@@ -176,7 +177,7 @@ class GPTQModelBackend(Backend):
         store = self.context.store
         check_release_folder(staging, self.weight_format, variant.spec)
         with clock.stage("verify"):
-            model = load_quantized(staging, self.weight_format, variant.spec)
+            model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
             reference = needed(variant, TransformersReference)
