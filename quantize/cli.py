@@ -101,7 +101,8 @@ def print_plan(plan: Plan) -> None:
         out.print(table)
     sized = [a for a in plan.artifacts.values() if a.estimated_bytes()]
     if sized:
-        out.print(f"working files ({', '.join(a.name for a in sized)}): {format_size(plan.working_bytes)}")
+        parts = ", ".join(f"{a.name} {format_size(a.estimated_bytes())}" for a in sized)
+        out.print(f"working files ({parts}): {format_size(plan.working_bytes)}")
     out.print(f"disk needed: {format_size(plan.estimated_disk())}")
     for warning in plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
