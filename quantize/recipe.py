@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from .errors import BadInput
+from .errors import BadInput, read_user_text
 from .formats import all_formats
 from .schema import HUB_ID, Calibration, CardOptions, Publish, Release, Source, Strict
 
@@ -115,17 +115,7 @@ def parse_recipe(data: Any, base_dir: Path, origin: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; any problem is a BadInput naming the field."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise BadInput(f"{path}: recipe file not found") from None
-    except IsADirectoryError:
-        raise BadInput(f"{path}: is a folder, not a recipe file") from None
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read recipe ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise BadInput(f"{path}: the recipe is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
-                       f"at offset {exc.start})") from None
+    text = read_user_text(path, "recipe", kind="recipe file")
     try:
         data = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:

@@ -109,43 +109,34 @@ def run_release(recipe_path: Path, out: Path, only: str | None = None) -> list[d
     return rows
 
 
-def run_naive(recipe_path: Path, out: Path, variant_ids: list[str]) -> list[dict]:
-    """Each variant in a fresh process and a fresh output folder; its own wall time and peak RSS."""
-    rows = []
-    for index, variant_id in enumerate(variant_ids):
-        result = out / f"naive-{index}.json"
-        command = [sys.executable, __file__, "--single", variant_id, "--recipe", str(recipe_path),
-                   "--out", str(out / f"naive-{index}"), "--result", str(result)]
-        started = time.monotonic()
-        process = subprocess.Popen(command, cwd=REPO)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.monotonic() - started
-        if status != 0:
-            raise SystemExit(f"naive run of {variant_id} failed (status {status})")
-        row = json.loads(result.read_text())[0]
-        rows.append({**row, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)})
-    return rows
-
-
-def run_mode(recipe_path: Path, out: Path) -> tuple[list[dict], float, float]:
-    """A whole release in a fresh process: its rows, wall seconds and peak RSS (MB)."""
+def run_child(recipe_path: Path, out: Path, variant_id: str = "") -> tuple[list[dict], float, float]:
+    """A release (or one variant of it) in a fresh process: its rows, wall seconds and peak RSS (MB)."""
     result = out.with_suffix(".json")
-    command = [sys.executable, __file__, "--single", "", "--recipe", str(recipe_path), "--out", str(out),
+    command = [sys.executable, __file__, "--single", variant_id, "--recipe", str(recipe_path), "--out", str(out),
                "--result", str(result)]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.monotonic() - started
     if status != 0:
-        raise SystemExit(f"release {recipe_path} failed (status {status})")
+        raise SystemExit(f"release of {variant_id or recipe_path} failed (status {status})")
     return json.loads(result.read_text()), seconds, usage.ru_maxrss / 1024
+
+
+def run_naive(recipe_path: Path, out: Path, variant_ids: list[str]) -> list[dict]:
+    """Each variant in a fresh process and a fresh output folder; its own wall time and peak RSS."""
+    rows = []
+    for index, variant_id in enumerate(variant_ids):
+        (row,), seconds, rss = run_child(recipe_path, out / f"naive-{index}", variant_id)
+        rows.append({**row, "seconds": round(seconds, 1), "peak_rss_mb": round(rss)})
+    return rows
 
 
 def sweep(args, out: Path) -> dict:
     modes = {}
     for mode in ("shared", "sequential"):
         recipe_path = write_recipe(out / mode, args, hessian=mode)
-        rows, seconds, rss = run_mode(recipe_path, out / mode / "out")
+        rows, seconds, rss = run_child(recipe_path, out / mode / "out")
         modes[mode] = {"rows": rows, "seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
         print(f"{mode}: {seconds:.1f} s, peak RSS {rss:.0f} MB", flush=True)
     shared, sequential = modes["shared"], modes["sequential"]

@@ -108,7 +108,7 @@ BERT = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size
 CASES = [
     # the recipe file
     Case("recipe-not-utf8", lambda s: setattr(s, "recipe_bytes", good_yaml(s).encode() + b"# caf\xe9\n"),
-         "the recipe is not UTF-8 text"),
+         "recipe.yaml is not UTF-8 text"),
     Case("duplicate-top-level-key", lambda s: setattr(s, "recipe_bytes", (good_yaml(s) + "gptq:\n- {bits: 8}\n").encode()),
          "duplicate key 'gptq'"),
     Case("duplicate-nested-key", lambda s: setattr(s, "recipe_bytes", good_yaml(s).replace(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, read_user_text
 from ..manifest import Manifest, read_manifest, write_atomic
 from ..plan import Plan
 from .context import CardAssets, CardEntry, CardInputs
@@ -49,16 +49,7 @@ def _read_optional(recipe, path: Path | None, what: str) -> str | None:
     resolved = recipe.resolve(path)
     if resolved is None:
         return None
-    try:
-        return resolved.read_bytes().decode("utf-8").removeprefix("\ufeff").rstrip("\n")
-    except FileNotFoundError:
-        raise BadInput(f"card.{what}: {resolved} does not exist") from None
-    except IsADirectoryError:
-        raise BadInput(f"card.{what}: {resolved} is a folder, not a file") from None
-    except OSError as exc:
-        raise BadInput(f"card.{what}: cannot read {resolved} ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise BadInput(f"card.{what}: {resolved} is not UTF-8 text") from None
+    return read_user_text(resolved, f"card.{what}").rstrip("\n")
 
 
 def card_assets(recipe) -> CardAssets:
