@@ -158,7 +158,8 @@ def test_unsupported_architecture_is_refused_before_work(tiny_model, write_recip
 def release(tiny_model, tmp_path_factory):
     """Two GPTQ permutations and one AWQ, produced once for the tests below."""
     folder = tmp_path_factory.mktemp("gptq-awq-release")
-    data = tiny_recipe(tiny_model, gptq=[GPTQ_4BIT, GPTQ_8BIT], awq=[AWQ_4BIT])
+    shared = {"hessian": "shared"}  # GPTQModel's own loop (the default) is covered by the comparison below
+    data = tiny_recipe(tiny_model, gptq=[{**GPTQ_4BIT, **shared}, {**GPTQ_8BIT, **shared}], awq=[AWQ_4BIT])
     data["calibration"]["held_out"] = 0.02  # a few evaluation windows keep the test quick
     recipe_path = folder / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))

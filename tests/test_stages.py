@@ -174,7 +174,8 @@ def test_a_changed_imatrix_setting_redoes_only_the_gguf_variants(recording, rele
 
 
 def test_the_plan_declares_the_shared_work_of_each_variant(tmp_path, write_recipe):
-    data = tiny_recipe(_model(tmp_path / "model"), gptq=[{"bits": 4}, {"bits": 8, "seq_len": 64}],
+    data = tiny_recipe(_model(tmp_path / "model"),
+                       gptq=[{"bits": 4, "hessian": "shared"}, {"bits": 8, "seq_len": 64, "hessian": "shared"}],
                        awq=[{"bits": 4}], gguf={"types": ["Q4_K_M"], "imatrix": True})
     recipe = load_recipe(write_recipe(data))
     plan = build_plan(recipe, inspect_source(recipe))
@@ -192,7 +193,7 @@ def test_the_plan_declares_the_shared_work_of_each_variant(tmp_path, write_recip
 
 
 def test_sequential_gptq_needs_no_hessians(tmp_path, write_recipe):
-    data = tiny_recipe(_model(tmp_path / "model"), gptq=[{"bits": 4, "hessian": "sequential"}])
+    data = tiny_recipe(_model(tmp_path / "model"), gptq=[{"bits": 4}])  # sequential is the default
     recipe = load_recipe(write_recipe(data))
     (variant,) = build_plan(recipe, inspect_source(recipe)).variants
     assert [a.name for a in variant.needs] == ["windows_128", "fp16_reference"]
