@@ -2,9 +2,10 @@
 
 One engine for the fp16 baseline and every GPTQ/AWQ variant, so their figures compare: the
 held-out text is cut into consecutive windows of EVAL_WINDOW tokens (at most MAX_EVAL_WINDOWS),
-and the model predicts every token of each window after the first, on the CPU: in bfloat16 where
-the CPU computes it natively, else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix
-products are about 90 times slower than float32). Quantized layers are first turned into
+and the model predicts every token of each window after the first, on the release's device in
+its evaluation dtype (quantize/devices.py): on a CPU in bfloat16 where it computes it natively,
+else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix products are about 90 times
+slower than float32); on a GPU in float16 or bfloat16. Quantized layers are first turned into
 plain Linear layers holding exactly the weights their kernel computes with: the same loss, far
 faster than the packed kernels on a CPU. The fp16 baseline is an artifact of the release
 (`TransformersReference`), computed once and cached in its work folder.
