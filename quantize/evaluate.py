@@ -67,7 +67,7 @@ def evaluation_windows(token_ids: Sequence[int], window: int = EVAL_WINDOW,
 def perplexity(model: torch.nn.Module, windows: list[list[int]]) -> Perplexity:
     """exp(mean negative log-likelihood) of every token after the first of each window."""
     total_nll, total_tokens = 0.0, 0
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for ids in windows:
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         logits = model(input_ids=input_ids).logits[0, :-1].float()

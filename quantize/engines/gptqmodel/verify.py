@@ -56,7 +56,8 @@ def generate_check(model, tokenizer, tokens: int = GENERATE_TOKENS) -> int:
     """Greedy-generate a few tokens; WorkFailed unless they come and the logits are finite."""
     import torch
 
-    prompt = tokenizer("The capital of France is", return_tensors="pt").to(next(model.parameters()).device)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    prompt = prompt.to(next((p.device for p in model.parameters()), torch.device("cpu")))
     with eager_torch(), torch.inference_mode():
         logits = model(**prompt).logits
         output = model.generate(**prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
