@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .calibration import CalibrationTextArtifact, check_available
 from .card import RenderedCard, card_assets, check_cards, collect_manifests, render_cards
@@ -20,20 +21,27 @@ from .plan import Plan, build_plan
 from .publish import (PublishedBranch, carried_manifests, claim, local_manifests, make_target, publish_release,
                       read_states)
 from .publish.ownership import write_release_id
-from .recipe import Recipe, load_recipe, with_model_path
-from .runner import Outcome, output_lock, run_plan
+from .recipe import Recipe, load_recipe, with_device, with_model_path
+from .runner import NoCapture, Outcome, output_lock, run_plan
+from .stages import WORK_DIR
 from .source import inspect_source, settle_repo_id
 
+if TYPE_CHECKING:
+    from .capture import LibraryOutput
 
-def load(recipe_path: str | Path, model: str | Path | None = None) -> Recipe:
+
+def load(recipe_path: str | Path, model: str | Path | None = None, device: str | None = None) -> Recipe:
     recipe = load_recipe(recipe_path)
-    return with_model_path(recipe, model) if model else recipe
+    recipe = with_model_path(recipe, model) if model else recipe
+    return with_device(recipe, device) if device is not None else recipe
 
 
 def plan(recipe_path: str | Path, model: str | Path | None = None, only: list[str] | None = None,
-         variants: list[str] | None = None) -> Plan:
-    """The release's plan: every variant with repo, branch or file, parameters and estimated size."""
-    recipe = load(recipe_path, model)
+         variants: list[str] | None = None, device: str | None = None) -> Plan:
+    """The release's plan: every variant with repo, branch or file, parameters and estimated size.
+
+    `device` (auto, cpu, cuda, cuda:N) replaces the recipe's `compute.device`."""
+    recipe = load(recipe_path, model, device)
     source = inspect_source(recipe)
     recipe = settle_repo_id(recipe, source)  # the cards need the original repo: given, or named by the model
     return _select(build_plan(recipe, source), only, variants)
@@ -63,6 +71,17 @@ def output_folder(out: str | Path | None, recipe: Recipe) -> Path:
     return out_dir
 
 
+def require_device(plan: Plan) -> None:
+    """BadInput (one line) when the device the recipe or --device asks for is not on this machine."""
+    from .devices import detect
+
+    device = plan.device
+    if device is None:  # no variant computes on it (GGUF only): the request is still checked
+        detect(plan.recipe.compute.device)
+    elif device.problem:
+        raise BadInput(device.problem)
+
+
 def check_before_work(full: Plan, chosen: Plan, out_dir: Path) -> list[RenderedCard]:
     """Everything that can be checked before any work, so that a release fails at the start, not the end.
 
@@ -70,6 +89,7 @@ def check_before_work(full: Plan, chosen: Plan, out_dir: Path) -> list[RenderedC
     text and a full render of every card from the plan (the final cards' checks, nothing written):
     templates, header and footer, the original card and its front matter, the prompt template.
     """
+    require_device(chosen)
     for artifact in chosen.artifacts.values():
         if isinstance(artifact, CalibrationTextArtifact):
             check_available(artifact.calib)
@@ -77,9 +97,9 @@ def check_before_work(full: Plan, chosen: Plan, out_dir: Path) -> list[RenderedC
 
 
 def check(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
-          variants: list[str] | None = None, model: str | Path | None = None) -> Plan:
+          variants: list[str] | None = None, model: str | Path | None = None, device: str | None = None) -> Plan:
     """What `release --dry-run` does: the plan of this selection, after every check made before work."""
-    full = plan(recipe_path, model)
+    full = plan(recipe_path, model, device=device)
     chosen = _select(full, only, variants)
     check_before_work(full, chosen, output_folder(out, full.recipe))
     return chosen
@@ -117,15 +137,19 @@ class ReleaseResult:
 def release(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
             variants: list[str] | None = None, model: str | Path | None = None, publish: bool = True,
             log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None,
-            on_start: Callable[[Plan], None] | None = None) -> ReleaseResult:
+            on_start: Callable[[Plan], None] | None = None, device: str | None = None,
+            library_output: "LibraryOutput | None" = None) -> ReleaseResult:
     """Plan, produce every unfinished variant, render the cards (and publish, when asked).
+
+    `device` replaces the recipe's `compute.device`; with `library_output` (capture.LibraryOutput)
+    the libraries' output goes to `<out>/.work/logs/` instead of the terminal.
 
     Before any work: the target accepts us, no repo or branch belongs to another release, and no
     other run uses the output folder (its lock is held to the end). Publishing verifies every
     file's sha256 first (a variant that no longer matches its manifest is made again), keeps the
     published variants this run did not make, and verifies each branch after.
     """
-    full = plan(recipe_path, model)  # cards describe the whole release, not only this run's selection
+    full = plan(recipe_path, model, device=device)  # cards describe the whole release, not only this selection
     chosen = _select(full, only, variants)
     out_dir = output_folder(out, full.recipe)
     check_before_work(full, chosen, out_dir)  # local checks first (cheap), then the publishing target's
@@ -137,10 +161,12 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
             identity = claim(full, out_dir, target)
         except WorkFailed as exc:  # the target could not be read: nothing was started
             raise BadInput(str(exc)) from None
-    with output_lock(out_dir, log):
+    output = library_output if library_output is not None else NoCapture()
+    with output_lock(out_dir, log), _logs_in(output, out_dir):
         if on_start:
             on_start(chosen)
-        outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome, check_hashes=target is not None)
+        outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome, check_hashes=target is not None,
+                            output=output)
         failed = any(o.status == "failed" for o in outcomes)
         if target is None or failed:
             return ReleaseResult(chosen, out_dir, outcomes, render_cards(full, out_dir))
@@ -156,6 +182,15 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
                                            prompt_template(full.recipe), card_assets(full.recipe), target, log,
                                            identity=identity, carried=carried, states=states)
     return result
+
+
+@contextmanager
+def _logs_in(output, out_dir: Path) -> Iterator[None]:
+    """The libraries' output of the whole locked run in `<out>/.work/logs/` (shared.log unless a variant's)."""
+    if hasattr(output, "start"):
+        output.start(out_dir / WORK_DIR)
+    with output.section("shared"):
+        yield
 
 
 def cards(recipe_path: str | Path, out: str | Path | None = None, model: str | Path | None = None,

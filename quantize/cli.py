@@ -18,6 +18,7 @@ from . import __version__, api
 from .errors import BadInput, QuantizeError
 from .formats import get_format
 from .plan import Plan
+from .capture import LibraryOutput
 from .progress import ReleaseProgress
 from .quant_types import format_size
 
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="show every variant a recipe would produce, with sizes")
     plan.add_argument("recipe", type=Path)
     plan.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
+    plan.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's compute.device, auto)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     release = commands.add_parser("release", help="produce (and publish) the whole release")
@@ -49,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--no-publish", action="store_true", help="produce and render cards, don't publish")
     release.add_argument("--dry-run", action="store_true", help="only show the plan")
     release.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    release.add_argument("--device", help="where GPTQ/AWQ compute, verify and evaluate: auto, cpu, cuda or cuda:N "
+                                          "(default: the recipe's compute.device, auto)")
+    release.add_argument("-v", "--verbose", action="store_true",
+                         help="also stream the libraries' output (it always goes to <out>/.work/logs/)")
 
     card = commands.add_parser("card", help="render every repo's README.md from the manifests")
     card.add_argument("recipe", type=Path, nargs="?", help="the recipe (not with --from-hub)")
@@ -104,12 +110,15 @@ def print_plan(plan: Plan) -> None:
         parts = ", ".join(f"{a.name} {format_size(a.estimated_bytes())}" for a in sized)
         out.print(f"working files ({parts}): {format_size(plan.working_bytes)}")
     out.print(f"disk needed: {format_size(plan.estimated_disk())}")
+    device = plan.device
+    if device is not None:
+        out.print(f"device: {device.name} (GPTQ/AWQ quantize in {device.compute_dtype}, evaluate in {device.eval_dtype})")
     for warning in plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def cmd_plan(args) -> int:
-    plan = api.plan(args.recipe, args.model)
+    plan = api.plan(args.recipe, args.model, device=args.device)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -119,15 +128,16 @@ def cmd_plan(args) -> int:
 
 def cmd_release(args) -> int:
     if args.dry_run:  # the plan, after every check a real run makes before its work
-        plan = api.check(args.recipe, args.out, args.only, args.variants, args.model)
+        plan = api.check(args.recipe, args.out, args.only, args.variants, args.model, device=args.device)
         print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
         return 0
-    progress = ReleaseProgress(err)
-    with stdout_to_stderr():
+    with stdout_to_stderr(), LibraryOutput(verbose=args.verbose) as library_output:
+        # our progress goes to the terminal as it was; the libraries' output to <out>/.work/logs/
+        progress = ReleaseProgress(Console(file=library_output.terminal, highlight=False, soft_wrap=True))
         try:
             result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
                                  publish=not args.no_publish, log=progress.log, on_outcome=progress.outcome,
-                                 on_start=progress.start)
+                                 on_start=progress.start, device=args.device, library_output=library_output)
         finally:
             progress.stop()
     if args.json:
@@ -136,8 +146,9 @@ def cmd_release(args) -> int:
         _print_summary(result)
     if result.failed:
         names = ", ".join(o.variant.id for o in result.failed)
+        logs = ", ".join(escape(str(o.log)) for o in result.failed if o.log)
         err.print(f"[red]error:[/] {len(result.failed)} variant(s) failed: {names}; the others are kept. "
-                  f"Details in {result.out_dir}/.staging/*.error.log")
+                  f"Details in {result.out_dir}/.staging/*.error.log" + (f" and the log(s) {logs}" if logs else ""))
         return 1
     return 0
 

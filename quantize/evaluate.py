@@ -2,9 +2,10 @@
 
 One engine for the fp16 baseline and every GPTQ/AWQ variant, so their figures compare: the
 held-out text is cut into consecutive windows of EVAL_WINDOW tokens (at most MAX_EVAL_WINDOWS),
-and the model predicts every token of each window after the first, on the CPU: in bfloat16 where
-the CPU computes it natively, else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix
-products are about 90 times slower than float32). Quantized layers are first turned into
+and the model predicts every token of each window after the first, on the release's device in
+its evaluation dtype (quantize/devices.py): on a CPU in bfloat16 where it computes it natively,
+else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix products are about 90 times
+slower than float32); on a GPU in float16 or bfloat16. Quantized layers are first turned into
 plain Linear layers holding exactly the weights their kernel computes with: the same loss, far
 faster than the packed kernels on a CPU. The fp16 baseline is an artifact of the release
 (`TransformersReference`), computed once and cached in its work folder.
@@ -27,14 +28,9 @@ EVAL_WINDOW = 512  # tokens per window
 MAX_EVAL_WINDOWS = 40  # at most 20,480 tokens: a few seconds per variant for a small model
 
 
-def _native_bfloat16() -> bool:
-    try:
-        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+from .devices import cpu_has_native_bf16
 
-
-EVAL_DTYPE = torch.bfloat16 if _native_bfloat16() else torch.float32
+EVAL_DTYPE = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # on the CPU (devices.resolve)
 
 
 @dataclass(frozen=True)
@@ -44,12 +40,13 @@ class Perplexity:
     windows: int
     window: int
 
-    def as_quality(self, baseline: "Perplexity | None" = None, text: str | None = None) -> dict[str, Any]:
+    def as_quality(self, baseline: "Perplexity | None" = None, text: str | None = None,
+                   dtype: torch.dtype = EVAL_DTYPE) -> dict[str, Any]:
         quality: dict[str, Any] = {"perplexity": round(self.perplexity, 4)}
         if baseline is not None:
             quality["baseline_perplexity"] = round(baseline.perplexity, 4)
         quality.update({"engine": ENGINE, "eval_tokens": self.eval_tokens, "eval_windows": self.windows,
-                        "eval_window": self.window, "eval_dtype": str(EVAL_DTYPE).removeprefix("torch.")})
+                        "eval_window": self.window, "eval_dtype": str(dtype).removeprefix("torch.")})
         if text:
             quality["eval_text"] = text
         return quality
@@ -70,8 +67,9 @@ def evaluation_windows(token_ids: Sequence[int], window: int = EVAL_WINDOW,
 def perplexity(model: torch.nn.Module, windows: list[list[int]]) -> Perplexity:
     """exp(mean negative log-likelihood) of every token after the first of each window."""
     total_nll, total_tokens = 0.0, 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for ids in windows:
-        input_ids = torch.tensor([ids], dtype=torch.long)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         logits = model(input_ids=input_ids).logits[0, :-1].float()
         total_nll += torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum").item()
         total_tokens += len(ids) - 1
@@ -86,32 +84,34 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
 @torch.inference_mode()
 def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE) -> torch.nn.Linear:
     """A Linear with the weights the quantized kernel computes with: its outputs for the identity matrix."""
-    identity = torch.eye(module.in_features, dtype=dtype)
-    zeros = torch.zeros(1, module.in_features, dtype=dtype)
+    device = next((t.device for t in (*module.buffers(), *module.parameters())), torch.device("cpu"))
+    identity = torch.eye(module.in_features, dtype=dtype, device=device)
+    zeros = torch.zeros(1, module.in_features, dtype=dtype, device=device)
     bias = module(zeros)[0]
     weight = (module(identity) - bias).t().contiguous()
     has_bias = getattr(module, "bias", None) is not None
-    dense = torch.nn.Linear(module.in_features, module.out_features, bias=has_bias, dtype=dtype)
+    dense = torch.nn.Linear(module.in_features, module.out_features, bias=has_bias, dtype=dtype, device=device)
     dense.weight.copy_(weight)
     if has_bias:
         dense.bias.copy_(bias)
     return dense
 
 
-def densify_quantized_linears(model: torch.nn.Module) -> int:
+def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE) -> int:
     """Replace every quantized linear layer by its dense equivalent; returns how many were replaced."""
     targets = [(name, module) for name, module in model.named_modules() if is_quantized_linear(module)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dense_linear(module))
+        setattr(parent, child, dense_linear(module, dtype))
     return len(targets)
 
 
-def load_fp16_model(model_path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,
+                    device: str = "cpu") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=EVAL_DTYPE, device_map="cpu",
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device,
                                                 trust_remote_code=trust_remote_code).eval()
 
 
@@ -121,6 +121,8 @@ class TransformersReference(Artifact):
 
     tokens: TokensArtifact
     source_identity: str
+    eval_dtype: str = str(EVAL_DTYPE).removeprefix("torch.")  # the device's evaluation dtype
+    device: str = "cpu"  # where: not an input (the dtype is)
 
     @property
     def name(self) -> str:
@@ -128,14 +130,15 @@ class TransformersReference(Artifact):
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.source_identity, "engine": ENGINE, "window": EVAL_WINDOW,
-                "max_windows": MAX_EVAL_WINDOWS, "dtype": str(EVAL_DTYPE)}
+                "max_windows": MAX_EVAL_WINDOWS, "dtype": f"torch.{self.eval_dtype}"}
 
     def needs(self) -> tuple[Artifact, ...]:
         return (self.tokens,)
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
         windows = evaluation_windows(store.value(self.tokens).evaluation)
-        model = load_fp16_model(store.context.model_path, store.context.trust_remote_code)
+        model = load_fp16_model(store.context.model_path, store.context.trust_remote_code,
+                                getattr(torch, self.eval_dtype), self.device)
         result = perplexity(model, windows)
         del model
         return asdict(result)

@@ -60,6 +60,11 @@ class Plan:
         sizes = [a.estimated_bytes() for a in self.artifacts.values()]
         return sum(sizes) if sizes else 0
 
+    @property
+    def device(self):
+        """Where the variants that use a device (GPTQ, AWQ) are computed (devices.Device), or None."""
+        return next((v.device for v in self.variants if v.device is not None), None)
+
     def repo_ids(self) -> dict[str, str]:
         return {fmt: self.recipe.release.repo_id(get_format(fmt).title) for fmt in self.formats}
 
@@ -115,6 +120,9 @@ class Plan:
                           for a in self.artifacts.values()],
             "totals": {**{fmt: self.estimated_total(fmt) for fmt in self.formats},
                        "working_files": self.working_bytes, "disk": self.estimated_disk()},
+            "device": ({"name": self.device.name, "requested": self.device.requested,
+                        "compute_dtype": self.device.compute_dtype, "eval_dtype": self.device.eval_dtype,
+                        "problem": self.device.problem} if self.device else None),
             "warnings": self.warnings,
         }
 

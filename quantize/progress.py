@@ -22,7 +22,8 @@ class ReleaseProgress:
         self.live = console.is_terminal
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=False) if self.live else None
+                                 console=console, transient=False, redirect_stdout=False,
+                                 redirect_stderr=False) if self.live else None  # capture.py owns the streams
         self.total_task = self.stage_task = None
         self.started = time.monotonic()
 
@@ -41,7 +42,8 @@ class ReleaseProgress:
             self.progress.update(self.stage_task, description=f"[dim]{escape(message)}[/]")
 
     def outcome(self, outcome: Outcome) -> None:
-        detail = f" ({escape(outcome.error)})" if outcome.error else ""
+        detail = f" ({escape(outcome.error)}" + (f"; log: {escape(str(outcome.log))}" if outcome.log else "") + ")" \
+            if outcome.error else ""
         line = f"{outcome.variant.id}: {STATUS[outcome.status]}{detail}"
         if self.progress is None:
             self.console.print(line)

@@ -16,9 +16,9 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from .errors import BadInput, read_user_text
 from .formats import all_formats
-from .schema import HUB_ID, Calibration, CardOptions, Publish, Release, Source, Strict
+from .schema import HUB_ID, Calibration, CardOptions, Compute, Publish, Release, Source, Strict
 
-__all__ = ["Recipe", "HUB_ID", "StrictLoader", "load_recipe", "parse_recipe", "with_model_path", "yaml_problem"]
+__all__ = ["Recipe", "HUB_ID", "StrictLoader", "load_recipe", "parse_recipe", "with_device", "with_model_path", "yaml_problem"]
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -55,6 +55,7 @@ class RecipeBase(Strict):
     calibration: Calibration = Field(default_factory=Calibration)
     publish: Publish = Field(default_factory=Publish)
     card: CardOptions = Field(default_factory=CardOptions)
+    compute: Compute = Field(default_factory=Compute)
     base_dir: Path = Field(Path("."), exclude=True)  # the recipe's folder; relative paths start here
 
     @model_validator(mode="after")
@@ -133,3 +134,12 @@ def with_model_path(recipe: Recipe, model_path: str | Path) -> Recipe:
     source = recipe.source.model_copy(update={"path": folder.resolve(), "hub": None,
                                               "repo_id": recipe.source.base_model})
     return recipe.model_copy(update={"source": source})
+
+
+def with_device(recipe: Recipe, device: str) -> Recipe:
+    """The recipe with `compute.device` replaced (`--device`)."""
+    try:
+        compute = Compute(device=device)
+    except ValidationError as exc:
+        raise BadInput(f"--device: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return recipe.model_copy(update={"compute": compute})

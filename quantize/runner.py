@@ -40,6 +40,7 @@ class Outcome:
     manifest: Manifest | None = None
     error: str | None = None
     seconds: float = 0.0
+    log: Path | None = None  # the libraries' output while it was made (<out>/.work/logs/<id>.log)
 
 
 def library_versions() -> dict[str, str]:
@@ -156,48 +157,65 @@ def check_backends(plan: Plan, context: ReleaseContext) -> dict[str, Backend]:
 
 
 def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
-             on_outcome: Callable[[Outcome], None] | None = None, check_hashes: bool = False) -> list[Outcome]:
+             on_outcome: Callable[[Outcome], None] | None = None, check_hashes: bool = False,
+             output=None) -> list[Outcome]:
     """Make every variant that is not finished yet; a failed variant doesn't stop the others.
 
     With `check_hashes` (before publishing) a variant counts as finished only when every file's
-    sha256 matches its manifest: one that doesn't is made again, never published.
+    sha256 matches its manifest: one that doesn't is made again, never published. With `output`
+    (capture.LibraryOutput) the libraries' output goes to `<out>/.work/logs/`: each variant's to
+    its own file, set-up and shared work to shared.log.
     """
     out_dir = Path(out_dir).resolve()
-    context = ReleaseContext(plan, out_dir, log)
+    output = output if output is not None else NoCapture()
+    context = ReleaseContext(plan, out_dir, log, output=output)
     finished = {v.id: is_finished(out_dir, v, check_hashes) for v in plan.variants}
     for variant in plan.variants:
         if finished[variant.id] is None and read_manifest(out_dir, variant.id) is not None:
             log(f"{variant.id}: its files no longer match its manifest (or its parameters changed): making it again")
     pending = [v for v in plan.variants if finished[v.id] is None]
-    backends = check_backends(plan.select(names=[v.id for v in pending]), context) if pending else {}
+    with output.section("shared"):
+        backends = check_backends(plan.select(names=[v.id for v in pending]), context) if pending else {}
     outcomes = []
     try:
         for variant in plan.variants:
-            outcome = _run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log)
+            outcome = _run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log, output)
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
     finally:
-        for backend in backends.values():
-            backend.close()
+        with output.section("shared"):
+            for backend in backends.values():
+                backend.close()
     return outcomes
 
 
+class NoCapture:
+    """The libraries' output stays where it goes (the API's default)."""
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        yield None
+
+
 def _run_variant(variant: Variant, finished: Manifest | None, backend: Backend | None, out_dir: Path,
-                 log: Callable[[str], None]) -> Outcome:
+                 log: Callable[[str], None], output=None) -> Outcome:
     if finished or backend is None:
         return Outcome(variant, "skipped", finished)
     started = time.monotonic()
     log(f"{variant.id}: producing")
-    try:
-        manifest = produce_one(backend, variant, out_dir, {**library_versions(), **backend.tool_versions()})
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # one variant's failure is reported; the others go on
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        detail = traceback.format_exc()
-        (out_dir / STAGING_DIR).mkdir(parents=True, exist_ok=True)
-        (out_dir / STAGING_DIR / f"{variant.id.replace('/', '_')}.error.log").write_text(detail)
-        return Outcome(variant, "failed", error=f"{type(exc).__name__}: {message}",
-                       seconds=time.monotonic() - started)
-    return Outcome(variant, "done", manifest, seconds=time.monotonic() - started)
+    with (output or NoCapture()).section(variant.id) as log_file:
+        try:
+            manifest = produce_one(backend, variant, out_dir, {**library_versions(), **backend.tool_versions()})
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one variant's failure is reported; the others go on
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = traceback.format_exc()
+            (out_dir / STAGING_DIR).mkdir(parents=True, exist_ok=True)
+            (out_dir / STAGING_DIR / f"{variant.id.replace('/', '_')}.error.log").write_text(detail)
+            if log_file is not None:
+                os.write(2, f"quantize: {variant.id} failed\n{detail}".encode("utf-8", "replace"))
+            return Outcome(variant, "failed", error=f"{type(exc).__name__}: {message}",
+                           seconds=time.monotonic() - started, log=log_file)
+    return Outcome(variant, "done", manifest, seconds=time.monotonic() - started, log=log_file)

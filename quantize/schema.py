@@ -274,3 +274,17 @@ class CardOptions(Strict):
     templates: Path | None = None  # a folder of templates overriding the built-in ones
 
 
+class Compute(Strict):
+    """Where GPTQ/AWQ quantize, verify and evaluate (see quantize/devices.py); `--device` overrides it."""
+
+    device: str = "auto"  # auto (cuda:0 when CUDA is available, else cpu), cpu, cuda or cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from .devices import device_problem
+
+        problem = device_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value

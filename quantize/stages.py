@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -115,6 +115,7 @@ class ArtifactStore:
     out_dir: Path
     log: Callable[[str], None] = print
     context: Any = None  # the release context, for artifacts that need the source model or tools
+    output: Any = None  # capture.LibraryOutput: the libraries' output while computing goes to shared.log
     _results: dict[str, Result] = field(default_factory=dict)
     _failures: dict[str, Exception] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -163,7 +164,8 @@ class ArtifactStore:
         partial.mkdir(parents=True)
         self.log(f"{artifact.name}: computing (shared work, once per release)")
         started = time.monotonic()
-        value = artifact.compute(self, partial)
+        with self.output.section("shared") if self.output is not None else nullcontext():
+            value = artifact.compute(self, partial)
         seconds = round(time.monotonic() - started, 2)
         files = {p.relative_to(partial).as_posix(): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
         record = {"name": artifact.name, "key": key, "inputs": artifact.inputs(),

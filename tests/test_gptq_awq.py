@@ -15,7 +15,7 @@ from quantize.engines.gptqmodel.setup import eager_torch
 from quantize.engines.gptqmodel.verify import check_release_folder
 from quantize.formats.gptq import GPTQ, GPTQVariant
 from quantize.errors import BadInput, WorkFailed
-from quantize.evaluate import dense_linear, evaluation_windows, perplexity
+from quantize.evaluate import EVAL_DTYPE, dense_linear, evaluation_windows, perplexity
 from quantize.manifest import read_manifest
 from quantize.plan import build_plan
 from quantize.recipe import load_recipe
@@ -247,8 +247,8 @@ def test_manifests_record_calibration_quality_timings_and_tools(release):
     for variant in plan.variants:
         manifest = read_manifest(out, variant.id)
         assert manifest.params_digest == variant.digest and manifest.requested == variant.params
-        assert manifest.measured == {"quantize_dtype": "float32",
-                                     "dtype": "float16"}
+        assert manifest.measured == {"quantize_dtype": "float32", "dtype": "float16", "device": "cpu",
+                                     "eval_dtype": str(EVAL_DTYPE).removeprefix("torch.")}
         assert {f.path for f in manifest.files} == {
             f"{variant.subdir}/{p.name}" for p in (out / variant.subdir).iterdir()}
         assert {k: manifest.calibration[k] for k in ("dataset", "config", "split", "samples", "seq_len", "seed")} == {

@@ -15,6 +15,7 @@ from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
 from .base import PRESENTATION, Format, Variant
 
 if TYPE_CHECKING:
+    from ..devices import Device
     from ..recipe import Recipe
     from ..source import ModelFacts, SourceModel
 
@@ -115,7 +116,11 @@ class WeightFormatPlugin(Format):
         tokens = TokensArtifact(text, source.identity)
         from ..evaluate import TransformersReference
 
-        reference = TransformersReference(tokens, source.identity)
+        from ..devices import detect, source_dtype
+
+        device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
+                        strict=False)  # a release refuses a device it can't have (api.require_device)
+        reference = TransformersReference(tokens, source.identity, device.eval_dtype, device.name)
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):
             check_group_divides(self.name, index, spec.group_size, source.facts)
@@ -126,10 +131,11 @@ class WeightFormatPlugin(Format):
                 spec=spec, calibration=calib, description=spec.description or spec.default_description(),
                 estimated_bytes=weight_bytes(source.facts, spec.bits, spec.group_size),
                 subdir=self.output_subdir(branch), source_identity=source.identity,
-                needs=(windows, *self.shared_work(spec, windows, source), reference)))
+                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device))
         return variants
 
-    def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel") -> tuple:
+    def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
+                    device: "Device") -> tuple:
         """Artifacts besides the windows and the fp16 reference that a permutation is made from."""
         return ()
 

@@ -51,9 +51,9 @@ def awq_fields(spec: AWQVariant) -> dict[str, Any]:
             "zero_point": spec.zero_point}
 
 
-# float32, like GPTQ: the scale search only needs a floating-point forward, and CPUs without
-# half-precision units run it ~90x faster than in fp16 (packing: engines/gptqmodel/setup.py).
-AWQ = WeightFormat(name="awq", quantize_dtype="float32", quantize_backend="awq_torch", load_backend="torch_awq",
+# Computed in the device's dtype like GPTQ: float32 on a CPU (the scale search only needs a
+# floating-point forward; packing: engines/gptqmodel/setup.py), fp16/bf16 on a GPU.
+AWQ = WeightFormat(name="awq", quantize_backend="awq_torch", load_backend="torch_awq",
                    quantize_settings=awq_settings, release_fields=awq_fields)
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from ..stages import Artifact, ArtifactStore, content_key
 
 if TYPE_CHECKING:
+    from ..devices import Device
     from ..plan import Plan
     from ..recipe import Recipe
     from ..schema import Calibration
@@ -57,6 +58,11 @@ class Variant:
     source_identity: str  # the source model's files (local) or id@revision (Hub)
     needs: tuple[Artifact, ...] = ()  # shared work it is made from
     file_name: str | None = None  # single-file formats (GGUF)
+    device: "Device | None" = None  # where (and in which dtypes) it is computed, for formats that use one
+
+    @property
+    def compute_dtype(self) -> str | None:
+        return self.device.compute_dtype if self.device else None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -71,16 +77,22 @@ class Variant:
     def digest(self) -> str:
         """Changes whenever anything that changes the variant's bytes does: then it is redone.
 
-        The calibration file's path is left out: its content is an input of the text artifact."""
+        The calibration file's path is left out: its content is an input of the text artifact. The
+        compute dtype is in it when it is not float32 (the CPU's, which the keys always assumed);
+        the device's name is not (the same dtype gives the same files)."""
         calibration = {k: v for k, v in (self.calibration_summary or {}).items() if k != "path"}
-        return content_key(self.format, self.params, calibration, self.source_identity,
-                           [artifact_tree(a) for a in self.needs])
+        parts = [self.format, self.params, calibration, self.source_identity, [artifact_tree(a) for a in self.needs]]
+        if self.compute_dtype not in (None, "float32"):
+            parts.append({"compute_dtype": self.compute_dtype})
+        return content_key(*parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "format": self.format, "repo_id": self.repo_id, "branch": self.branch,
                 "file_name": self.file_name, "params": self.params, "calibration": self.calibration_summary,
                 "description": self.description, "estimated_bytes": self.estimated_bytes,
-                "needs": [a.name for a in self.needs]}
+                "needs": [a.name for a in self.needs],
+                **({"device": self.device.name, "compute_dtype": self.device.compute_dtype,
+                    "eval_dtype": self.device.eval_dtype} if self.device else {})}
 
 
 @dataclass
@@ -100,11 +112,12 @@ class ReleaseContext:
     plan: "Plan"
     out_dir: Path
     log: Callable[[str], None] = print
+    output: Any = None  # capture.LibraryOutput, when the libraries' output goes to log files
     store: ArtifactStore = field(init=False)
     _memo: dict[str, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        self.store = ArtifactStore(self.out_dir, self.log, context=self)
+        self.store = ArtifactStore(self.out_dir, self.log, context=self, output=self.output)
 
     def memo(self, name: str, make: Callable[[], Any]) -> Any:
         """An in-memory object every backend of the release shares (e.g. the llama.cpp tools found)."""

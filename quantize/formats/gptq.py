@@ -66,8 +66,8 @@ def gptq_fields(spec: GPTQVariant) -> dict[str, Any]:
             "damp_percent": spec.damp, "sym": spec.sym, "true_sequential": True}
 
 
-# float32: exact for fp16 and bf16 sources, and on CPUs without bf16 units ~90x faster than either.
-GPTQ = WeightFormat(name="gptq", quantize_dtype="float32", quantize_backend="auto", load_backend="torch",
+# Computed in the device's dtype (quantize/devices.py): float32 on a CPU, exact for fp16 and bf16 sources.
+GPTQ = WeightFormat(name="gptq", quantize_backend="auto", load_backend="torch",
                     quantize_settings=gptq_settings, release_fields=gptq_fields, legacy_keys=GPTQ_LEGACY_KEYS,
                     needs_optimum=True)
 
@@ -87,10 +87,11 @@ class GPTQFormat(WeightFormatPlugin):
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, GPTQ)
 
-    def shared_work(self, spec: GPTQVariant, windows, source) -> tuple:
+    def shared_work(self, spec: GPTQVariant, windows, source, device) -> tuple:
         if spec.hessian != "shared":
             return ()
-        return (GPTQHessians(windows, source.identity, hessian_bytes(source.facts.config if source.facts else None)),)
+        return (GPTQHessians(windows, source.identity, hessian_bytes(source.facts.config if source.facts else None),
+                             device.compute_dtype, device.name),)
 
     def describe_more(self, spec: GPTQVariant) -> str:
         return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"

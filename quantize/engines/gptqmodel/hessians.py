@@ -183,7 +183,7 @@ def solve_group(members: list[Any], hessian, tokens: int, qcfg) -> dict[str, Any
     task = GPTQ(stacked, qcfg)  # as GPTQModel's GPTQProcessor.preprocess sets one up
     task.quantizer.configure(perchannel=True)
     task.expected_nsamples = tokens
-    task.H = hessian.to(torch.float32).clone()
+    task.H = hessian.to(device=stacked.weight.device, dtype=torch.float32).clone()
     task.nsamples = tokens
     weights, scales, zeros, g_idx, seconds, loss, damp, _ = task.quantize()
     rows = [m.out_features for m in members]
@@ -203,13 +203,15 @@ class GPTQHessians(Artifact):
     windows: Artifact  # calibration.WindowsArtifact
     source_identity: str
     estimated: int = 0
+    dtype: str = "float32"  # the dtype the model computes in (the device's compute dtype; sums are float32)
+    device: str = "cpu"  # where: not an input (the same dtype gives the same Hessians)
 
     @property
     def name(self) -> str:
         return f"gptq_hessians_{self.windows.seq_len}"
 
     def inputs(self) -> dict[str, Any]:
-        return {"model": self.source_identity, "dtype": "float32", "version": 1}
+        return {"model": self.source_identity, "dtype": self.dtype, "version": 1}
 
     def needs(self) -> tuple[Artifact, ...]:
         return (self.windows,)
@@ -220,7 +222,8 @@ class GPTQHessians(Artifact):
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
         from .setup import load_unquantized
 
-        model = load_unquantized(store.context.model_path, "float32", trust_remote_code=store.context.trust_remote_code)
+        model = load_unquantized(store.context.model_path, self.dtype, trust_remote_code=store.context.trust_remote_code,
+                                 device=self.device)
         hessians = capture_hessians(model, store.value(self.windows))
         save_hessians(hessians, folder)
         return {"tokens": hessians.tokens, "matrices": len(hessians.matrices), "modules": len(decoder_linears(model))}

@@ -36,15 +36,20 @@ def eager_torch() -> Iterator[None]:
         yield
 
 
-def load_unquantized(model_path, dtype: str, quantize_config=None, trust_remote_code: bool = False):
-    """The fp16 model from disk as GPTQModel's wrapper, computing in `dtype`."""
+def load_unquantized(model_path, dtype: str, quantize_config=None, trust_remote_code: bool = False,
+                     device: str | None = None):
+    """The fp16 model from disk as GPTQModel's wrapper, computing in `dtype` (on `device` when it is a GPU)."""
     import torch
 
     import_gptqmodel()
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    config = quantize_config or QuantizeConfig(bits=4, group_size=128, offload_to_disk=False)
-    return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    on_gpu = bool(device and device.startswith("cuda"))
+    config = quantize_config or QuantizeConfig(bits=4, group_size=128, offload_to_disk=False,
+                                               **({"device": device} if on_gpu else {}))
+    extra = {"device": device} if on_gpu else {}  # the CPU path stays exactly as it always was
+    return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                          **extra)
 
 
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents

@@ -11,6 +11,7 @@ from ...errors import WorkFailed
 from .setup import eager_torch
 
 if TYPE_CHECKING:
+    from ...devices import Device
     from .weights import WeightFormat
 
 GENERATE_TOKENS = 8
@@ -33,17 +34,19 @@ def check_release_folder(folder: Path, fmt: WeightFormat, spec: Any) -> None:
             raise WorkFailed(f"{file_name}: quantization fields {wrong} differ from {({k: wanted[k] for k in wrong})}")
 
 
-def load_quantized(folder: Path, fmt: WeightFormat, spec: Any, trust_remote_code: bool = False):
-    """The variant as a user loads it: transformers' AutoModelForCausalLM, on the CPU."""
+def load_quantized(folder: Path, fmt: WeightFormat, spec: Any, trust_remote_code: bool = False,
+                   device: Device | None = None):
+    """The variant as a user loads it: transformers' AutoModelForCausalLM, on the device (default: the CPU)."""
     from transformers import AutoModelForCausalLM
 
     from ...evaluate import EVAL_DTYPE
 
+    name, dtype = (device.name, device.torch_dtype("eval")) if device is not None else ("cpu", EVAL_DTYPE)
     with eager_torch(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # we only pick the kernel
         model = AutoModelForCausalLM.from_pretrained(
-            folder, device_map="cpu", dtype=EVAL_DTYPE, trust_remote_code=trust_remote_code,
-            quantization_config=fmt.transformers_loading_config(spec))
+            folder, device_map=name, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=fmt.transformers_loading_config(spec, device))
     if not any(hasattr(m, "qweight") for m in model.modules()):
         raise WorkFailed(f"{folder.name}: transformers loaded no quantized layer")
     return model.eval()
@@ -54,6 +57,7 @@ def generate_check(model, tokenizer, tokens: int = GENERATE_TOKENS) -> int:
     import torch
 
     prompt = tokenizer("The capital of France is", return_tensors="pt")
+    prompt = prompt.to(next((p.device for p in model.parameters()), torch.device("cpu")))
     with eager_torch(), torch.inference_mode():
         logits = model(**prompt).logits
         output = model.generate(**prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)

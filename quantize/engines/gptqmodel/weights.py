@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ... import devices
 from ...calibration import TokensArtifact, WindowsArtifact
+from ...devices import Device
 from ...errors import BadInput, WorkFailed
 from ...formats.base import Backend, Produced, Variant
 from ...manifest import package_versions
@@ -32,29 +34,32 @@ TOOL_PACKAGES = ("gptqmodel", "optimum", "accelerate", "safetensors", "tokenizer
 @dataclass(frozen=True)
 class WeightFormat:
     name: str  # "gptq" or "awq"
-    quantize_dtype: str | None  # the dtype GPTQModel computes in; None: the source's own dtype
-    quantize_backend: str  # GPTQModel BACKEND used while quantizing
-    load_backend: str  # the transformers quantization backend that loads every variant on a CPU
+    quantize_backend: str  # GPTQModel BACKEND used while quantizing on a CPU ("auto" on a GPU)
+    load_backend: str  # the transformers quantization backend that loads every variant on a CPU ("auto" on a GPU)
     quantize_settings: Callable[[Any], dict[str, Any]]  # variant spec -> QuantizeConfig kwargs
-    # float32 AWQ: GPTQModel's packed AWQ layer wants a half-precision compute dtype (see setup.py)
     release_fields: Callable[[Any], dict[str, Any]]  # variant spec -> required config keys
     legacy_keys: dict[str, Any] = field(default_factory=dict)  # added to quantize_config.json
     needs_optimum: bool = False  # transformers loads it through optimum
 
-    def compute_dtype(self, source: str) -> str:
-        return self.quantize_dtype or source
+    # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
-    def quantize_config(self, spec: Any):
+    def quantize_config(self, spec: Any, device: Device | None = None):
         from gptqmodel import QuantizeConfig
 
-        return QuantizeConfig(**self.quantize_settings(spec), offload_to_disk=False)
+        on_gpu = {"device": device.name} if device is not None and device.is_cuda else {}
+        return QuantizeConfig(**self.quantize_settings(spec), offload_to_disk=False, **on_gpu)
 
-    def transformers_loading_config(self, spec: Any):
+    def backend_for(self, device: Device | None) -> str:
+        """GPTQModel's kernels for quantizing: its own choice (GPU kernels) on a GPU."""
+        return "auto" if device is not None and device.is_cuda else self.quantize_backend
+
+    def transformers_loading_config(self, spec: Any, device: Device | None = None):
         """Loading attributes only: transformers keeps the saved config and swaps in this backend."""
         from transformers import AwqConfig, GPTQConfig
 
         config_class = AwqConfig if self.name == "awq" else GPTQConfig
-        return config_class(bits=spec.bits, backend=self.load_backend)
+        backend = "auto" if device is not None and device.is_cuda else self.load_backend
+        return config_class(bits=spec.bits, backend=backend)
 
 
 def calibration_batch(windows: list[list[int]]) -> list[dict[str, Any]]:
@@ -65,8 +70,10 @@ def calibration_batch(windows: list[list[int]]) -> list[dict[str, Any]]:
 
 
 def source_dtype(config: dict[str, Any]) -> str:
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
-    return name if name in RELEASE_DTYPES else "float16"
+    return devices.source_dtype(config)
+
+
+CPU = devices.resolve("cpu", False, 0)  # for a variant planned without a device (never by the plugins)
 
 
 def damp_notes(requested: float, damps: list[float]) -> list[str]:
@@ -136,18 +143,19 @@ class GPTQModelBackend(Backend):
         windows = needed(variant, WindowsArtifact)
         with clock.stage("calibration"):
             batch = calibration_batch(store.value(windows))
-        dtype = fmt.compute_dtype(source_dtype(self.source_config))
+        device = variant.device or CPU
+        dtype = device.compute_dtype
         with clock.stage("load"):
-            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec),
-                                     self.context.trust_remote_code)
+            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec, device),
+                                     self.context.trust_remote_code, device.name)
         hessians = needed(variant, GPTQHessians, required=False)
         if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
             folder = store.get(hessians).folder
             with clock.stage("quantize"):
-                quantize_with_hessians(model, load_hessians(folder), fmt.quantize_backend)
+                quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
         else:
             with clock.stage("quantize"), awq_in_float32():
-                model.quantize(batch, batch_size=1, backend=fmt.quantize_backend)
+                model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
         damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
         with clock.stage("save"):
             self._save(model, staging, spec)
@@ -160,7 +168,8 @@ class GPTQModelBackend(Backend):
                        "evaluation": text.facts.get("evaluation"), "calibration_tokens": len(tokens.calibration)}
         return Produced(files=release_files(staging), quality=quality,
                         timings={**store.timings(variant.needs), **clock.timings}, calibration=calibration,
-                        measured={"quantize_dtype": dtype, "dtype": source_dtype(self.source_config)},
+                        measured={"quantize_dtype": dtype, "dtype": source_dtype(self.source_config),
+                                  "device": device.name, "eval_dtype": device.eval_dtype},
                         notes=damp_notes(spec.damp, damps) if hasattr(spec, "damp") else [])
 
     def _save(self, model, staging: Path, spec: Any) -> None:
@@ -175,23 +184,24 @@ class GPTQModelBackend(Backend):
         from ...evaluate import TransformersReference, densify_quantized_linears, perplexity
 
         store = self.context.store
+        device = variant.device or CPU
         check_release_folder(staging, self.weight_format, variant.spec)
         with clock.stage("verify"):
-            model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code)
+            model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code, device)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
             reference = needed(variant, TransformersReference)
             baseline = store.value(reference)
         with clock.stage("evaluate"):
             with eager_torch():
-                densify_quantized_linears(model)
+                densify_quantized_linears(model, device.torch_dtype("eval"))
             result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
         del model
         gc.collect()
         if not result.perplexity < float("inf"):
             raise WorkFailed(f"the quantized model's perplexity is not finite ({result.perplexity})")
         text = store.value(reference.tokens.text)
-        return {**result.as_quality(baseline, text.facts.get("evaluation")),
+        return {**result.as_quality(baseline, text.facts.get("evaluation"), device.torch_dtype("eval")),
                 "dataset": text.label, "generated_tokens": generated}
 
     def tool_versions(self) -> dict[str, str]:
