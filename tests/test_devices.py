@@ -165,7 +165,7 @@ def test_a_recipe_device_this_machine_lacks_is_refused_but_still_planned(recordi
 # --- keys: the compute dtype, not the device's name, and float32 keeps today's keys ----------------
 
 def _plan(tiny_model, write_recipe, **compute):
-    data = tiny_recipe(tiny_model, gptq=[{"bits": 4}], awq=[{"bits": 4}])
+    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "hessian": "shared"}], awq=[{"bits": 4}])
     if compute:
         data["compute"] = compute
     return build_plan(load_recipe(write_recipe(data)), inspect_source(load_recipe(write_recipe(data))))
