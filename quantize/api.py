@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .calibration import CalibrationTextArtifact, check_available
-from .card import RenderedCard, card_assets, check_cards, collect_manifests, render_cards
+from .card import RenderedCard, card_assets, check_cards, render_cards
 from .card.original import prompt_template
 from .errors import BadInput, WorkFailed
 from .formats import format_names

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import devices
-from ...calibration import TokensArtifact, WindowsArtifact
+from ...calibration import WindowsArtifact
 from ...devices import Device
 from ...errors import BadInput, WorkFailed
 from ...formats.base import Backend, Produced, Variant
