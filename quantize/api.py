@@ -16,13 +16,14 @@ from .calibration import CalibrationTextArtifact, check_available
 from .card import RenderedCard, card_assets, check_cards, render_cards
 from .card.original import prompt_template
 from .errors import BadInput, WorkFailed
+from .executors import Executor, make_executor
 from .formats import format_names
 from .plan import Plan, build_plan
 from .publish import (PublishedBranch, carried_manifests, claim, local_manifests, make_target, publish_release,
                       read_states)
 from .publish.ownership import write_release_id
 from .recipe import Recipe, load_recipe, with_device, with_model_path
-from .runner import NoCapture, Outcome, output_lock, run_plan
+from .runner import NoCapture, Outcome, output_lock
 from .stages import WORK_DIR
 from .source import inspect_source, settle_repo_id
 
@@ -71,25 +72,15 @@ def output_folder(out: str | Path | None, recipe: Recipe) -> Path:
     return out_dir
 
 
-def require_device(plan: Plan) -> None:
-    """BadInput (one line) when the device the recipe or --device asks for is not on this machine."""
-    from .devices import detect
-
-    device = plan.device
-    if device is None:  # no variant computes on it (GGUF only): the request is still checked
-        detect(plan.recipe.compute.device)
-    elif device.problem:
-        raise BadInput(device.problem)
-
-
-def check_before_work(full: Plan, chosen: Plan, out_dir: Path) -> list[RenderedCard]:
+def check_before_work(full: Plan, chosen: Plan, out_dir: Path, executor: Executor | None = None) -> list[RenderedCard]:
     """Everything that can be checked before any work, so that a release fails at the start, not the end.
 
     The recipe, the source config and the selection are checked by then; this adds the calibration
     text and a full render of every card from the plan (the final cards' checks, nothing written):
-    templates, header and footer, the original card and its front matter, the prompt template.
+    templates, header and footer, the original card and its front matter, the prompt template; and
+    the executor's own checks (the device on this machine, or the Ray cluster).
     """
-    require_device(chosen)
+    (executor or make_executor()).check(chosen)
     for artifact in chosen.artifacts.values():
         if isinstance(artifact, CalibrationTextArtifact):
             check_available(artifact.calib)
@@ -97,11 +88,16 @@ def check_before_work(full: Plan, chosen: Plan, out_dir: Path) -> list[RenderedC
 
 
 def check(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
-          variants: list[str] | None = None, model: str | Path | None = None, device: str | None = None) -> Plan:
+          variants: list[str] | None = None, model: str | Path | None = None, device: str | None = None,
+          executor: str = "local", address: str | None = None, task_cpus: float | None = None) -> Plan:
     """What `release --dry-run` does: the plan of this selection, after every check made before work."""
-    full = plan(recipe_path, model, device=device)
-    chosen = _select(full, only, variants)
-    check_before_work(full, chosen, output_folder(out, full.recipe))
+    runner = make_executor(executor, address, task_cpus)
+    try:
+        full = plan(recipe_path, model, device=device)
+        chosen = _select(full, only, variants)
+        check_before_work(full, chosen, output_folder(out, full.recipe), runner)
+    finally:
+        runner.close()
     return chosen
 
 
@@ -124,6 +120,7 @@ class ReleaseResult:
             "variants": [{
                 "id": o.variant.id, "repo_id": o.variant.repo_id, "branch": o.variant.branch,
                 "status": o.status, "error": o.error, "seconds": round(o.seconds, 2),
+                "node": o.node, "started_at": o.started_at, "finished_at": o.finished_at,
                 "size": o.manifest.total_size if o.manifest else None,
                 "perplexity": o.manifest.quality.get("perplexity") if o.manifest else None,
                 "files": [f.path for f in o.manifest.files] if o.manifest else [],
@@ -138,21 +135,34 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
             variants: list[str] | None = None, model: str | Path | None = None, publish: bool = True,
             log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None,
             on_start: Callable[[Plan], None] | None = None, device: str | None = None,
-            library_output: "LibraryOutput | None" = None) -> ReleaseResult:
+            library_output: "LibraryOutput | None" = None, executor: str = "local", address: str | None = None,
+            task_cpus: float | None = None) -> ReleaseResult:
     """Plan, produce every unfinished variant, render the cards (and publish, when asked).
 
     `device` replaces the recipe's `compute.device`; with `library_output` (capture.LibraryOutput)
-    the libraries' output goes to `<out>/.work/logs/` instead of the terminal.
+    the libraries' output goes to `<out>/.work/logs/` instead of the terminal. `executor` is where
+    the variants are made: "local" (this process) or "ray" (tasks on the Ray cluster at `address`,
+    `task_cpus` CPUs each; see quantize/executors/).
 
     Before any work: the target accepts us, no repo or branch belongs to another release, and no
     other run uses the output folder (its lock is held to the end). Publishing verifies every
     file's sha256 first (a variant that no longer matches its manifest is made again), keeps the
     published variants this run did not make, and verifies each branch after.
     """
+    runner = make_executor(executor, address, task_cpus)
+    try:
+        return _release(recipe_path, out, only, variants, model, publish, log, on_outcome, on_start, device,
+                        library_output, runner)
+    finally:
+        runner.close()
+
+
+def _release(recipe_path, out, only, variants, model, publish, log, on_outcome, on_start, device, library_output,
+             runner: Executor) -> ReleaseResult:
     full = plan(recipe_path, model, device=device)  # cards describe the whole release, not only this selection
     chosen = _select(full, only, variants)
     out_dir = output_folder(out, full.recipe)
-    check_before_work(full, chosen, out_dir)  # local checks first (cheap), then the publishing target's
+    check_before_work(full, chosen, out_dir, runner)  # local checks first (cheap), then the publishing target's
     target = make_target(full, out_dir) if publish and full.recipe.publish.target != "none" else None
     identity = None
     if target is not None:
@@ -165,8 +175,8 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     with output_lock(out_dir, log), _logs_in(output, out_dir):
         if on_start:
             on_start(chosen)
-        outcomes = run_plan(chosen, out_dir, log=log, on_outcome=on_outcome, check_hashes=target is not None,
-                            output=output)
+        outcomes = runner.run(chosen, out_dir, log=log, on_outcome=on_outcome, check_hashes=target is not None,
+                              output=output)
         failed = any(o.status == "failed" for o in outcomes)
         if target is None or failed:
             return ReleaseResult(chosen, out_dir, outcomes, render_cards(full, out_dir))

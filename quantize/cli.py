@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--json", action="store_true", help="print a machine-readable summary")
     release.add_argument("--device", help="where GPTQ/AWQ compute, verify and evaluate: auto, cpu, cuda or cuda:N "
                                           "(default: the recipe's compute.device, auto)")
+    release.add_argument("--executor", choices=("local", "ray"), default="local",
+                         help="where variants are made: this process (local, default) or tasks on a Ray cluster")
+    release.add_argument("--address", help="the Ray cluster (--executor ray; default: RAY_ADDRESS, as Ray defines it)")
+    release.add_argument("--task-cpus", type=float, help="CPUs each Ray task asks for (--executor ray; default 1)")
     release.add_argument("-v", "--verbose", action="store_true",
                          help="also stream the libraries' output (it always goes to <out>/.work/logs/)")
 
@@ -128,7 +132,8 @@ def cmd_plan(args) -> int:
 
 def cmd_release(args) -> int:
     if args.dry_run:  # the plan, after every check a real run makes before its work
-        plan = api.check(args.recipe, args.out, args.only, args.variants, args.model, device=args.device)
+        plan = api.check(args.recipe, args.out, args.only, args.variants, args.model, device=args.device,
+                         **_executor_args(args))
         print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
         return 0
     with stdout_to_stderr(), LibraryOutput(verbose=args.verbose) as library_output:
@@ -137,7 +142,8 @@ def cmd_release(args) -> int:
         try:
             result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
                                  publish=not args.no_publish, log=progress.log, on_outcome=progress.outcome,
-                                 on_start=progress.start, device=args.device, library_output=library_output)
+                                 on_start=progress.start, device=args.device, library_output=library_output,
+                                 **_executor_args(args))
         finally:
             progress.stop()
     if args.json:
@@ -151,6 +157,10 @@ def cmd_release(args) -> int:
                   f"Details in {result.out_dir}/.staging/*.error.log" + (f" and the log(s) {logs}" if logs else ""))
         return 1
     return 0
+
+
+def _executor_args(args) -> dict:
+    return {"executor": args.executor, "address": args.address, "task_cpus": args.task_cpus}
 
 
 def _print_summary(result: api.ReleaseResult) -> None:

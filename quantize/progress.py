@@ -44,7 +44,9 @@ class ReleaseProgress:
     def outcome(self, outcome: Outcome) -> None:
         detail = f" ({escape(outcome.error)}" + (f"; log: {escape(str(outcome.log))}" if outcome.log else "") + ")" \
             if outcome.error else ""
-        line = f"{outcome.variant.id}: {STATUS[outcome.status]}{detail}"
+        node = outcome.node or {}
+        where = f" on {escape(str(node.get('hostname')))} (node {node['node_id'][:8]})" if node.get("node_id") else ""
+        line = f"{outcome.variant.id}: {STATUS[outcome.status]}{where}{detail}"
         if self.progress is None:
             self.console.print(line)
         else:

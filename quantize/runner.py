@@ -15,11 +15,13 @@ import fcntl
 import os
 import platform
 import shutil
+import socket
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import BadInput, QuantizeError
 from .formats import Backend, ReleaseContext, get_format
@@ -41,10 +43,21 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     log: Path | None = None  # the libraries' output while it was made (<out>/.work/logs/<id>.log)
+    node: dict[str, Any] | None = None  # where it was made: hostname (and Ray's node id and IP on a cluster)
+    started_at: str | None = None  # UTC, ISO 8601
+    finished_at: str | None = None
 
 
 def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **package_versions(LIBRARIES)}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def this_node() -> dict[str, Any]:
+    return {"hostname": socket.gethostname()}
 
 
 def is_finished(out_dir: Path, variant: Variant, check_hashes: bool = False) -> Manifest | None:
@@ -156,6 +169,16 @@ def check_backends(plan: Plan, context: ReleaseContext) -> dict[str, Backend]:
     return backends
 
 
+def finished_variants(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
+                      check_hashes: bool = False) -> dict[str, Manifest | None]:
+    """Each variant's manifest when it is finished (see `is_finished`), else None; says which are redone."""
+    finished = {v.id: is_finished(out_dir, v, check_hashes) for v in plan.variants}
+    for variant in plan.variants:
+        if finished[variant.id] is None and read_manifest(out_dir, variant.id) is not None:
+            log(f"{variant.id}: its files no longer match its manifest (or its parameters changed): making it again")
+    return finished
+
+
 def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
              on_outcome: Callable[[Outcome], None] | None = None, check_hashes: bool = False,
              output=None) -> list[Outcome]:
@@ -169,25 +192,26 @@ def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
     out_dir = Path(out_dir).resolve()
     output = output if output is not None else NoCapture()
     context = ReleaseContext(plan, out_dir, log, output=output)
-    finished = {v.id: is_finished(out_dir, v, check_hashes) for v in plan.variants}
-    for variant in plan.variants:
-        if finished[variant.id] is None and read_manifest(out_dir, variant.id) is not None:
-            log(f"{variant.id}: its files no longer match its manifest (or its parameters changed): making it again")
+    finished = finished_variants(plan, out_dir, log, check_hashes)
     pending = [v for v in plan.variants if finished[v.id] is None]
     with output.section("shared"):
         backends = check_backends(plan.select(names=[v.id for v in pending]), context) if pending else {}
     outcomes = []
     try:
         for variant in plan.variants:
-            outcome = _run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log, output)
+            outcome = run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log, output)
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
     finally:
-        with output.section("shared"):
-            for backend in backends.values():
-                backend.close()
+        close_backends(backends, output)
     return outcomes
+
+
+def close_backends(backends: dict[str, Backend], output) -> None:
+    with output.section("shared"):
+        for backend in backends.values():
+            backend.close()
 
 
 class NoCapture:
@@ -198,11 +222,12 @@ class NoCapture:
         yield None
 
 
-def _run_variant(variant: Variant, finished: Manifest | None, backend: Backend | None, out_dir: Path,
-                 log: Callable[[str], None], output=None) -> Outcome:
+def run_variant(variant: Variant, finished: Manifest | None, backend: Backend | None, out_dir: Path,
+                log: Callable[[str], None], output=None) -> Outcome:
+    """Make one variant (unless finished) with its backend; its failure is an Outcome, not an exception."""
     if finished or backend is None:
         return Outcome(variant, "skipped", finished)
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utc_now()
     log(f"{variant.id}: producing")
     with (output or NoCapture()).section(variant.id) as log_file:
         try:
@@ -210,12 +235,18 @@ def _run_variant(variant: Variant, finished: Manifest | None, backend: Backend |
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one variant's failure is reported; the others go on
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             detail = traceback.format_exc()
             (out_dir / STAGING_DIR).mkdir(parents=True, exist_ok=True)
             (out_dir / STAGING_DIR / f"{variant.id.replace('/', '_')}.error.log").write_text(detail)
             if log_file is not None:
                 os.write(2, f"quantize: {variant.id} failed\n{detail}".encode("utf-8", "replace"))
-            return Outcome(variant, "failed", error=f"{type(exc).__name__}: {message}",
-                           seconds=time.monotonic() - started, log=log_file)
-    return Outcome(variant, "done", manifest, seconds=time.monotonic() - started, log=log_file)
+            return Outcome(variant, "failed", error=error_line(exc), seconds=time.monotonic() - started,
+                           log=log_file, node=this_node(), started_at=started_at, finished_at=utc_now())
+    return Outcome(variant, "done", manifest, seconds=time.monotonic() - started, log=log_file, node=this_node(),
+                   started_at=started_at, finished_at=utc_now())
+
+
+def error_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: how a failure is reported."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {message}"

@@ -13,6 +13,7 @@ One digest (`content_key`), one timer (`Stopwatch`), one cache (`ArtifactStore.g
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -152,11 +153,12 @@ class ArtifactStore:
             self.get(needed)
         key = self.key(artifact)
         folder = self.folder(artifact)
-        record = _read_record(folder)
-        if record and record.get("key") == key and _files_intact(folder, record.get("files", {})):
-            value = artifact.load(self, folder, record.get("value"))
-            return Result(artifact.name, key, folder, value, record.get("seconds", 0.0), True)
-        return self._compute(artifact, key, folder)
+        with file_lock(folder.with_name(folder.name + ".lock")):  # another process (a Ray task) may be making it
+            record = _read_record(folder)
+            if record and record.get("key") == key and _files_intact(folder, record.get("files", {})):
+                value = artifact.load(self, folder, record.get("value"))
+                return Result(artifact.name, key, folder, value, record.get("seconds", 0.0), True)
+            return self._compute(artifact, key, folder)
 
     def _compute(self, artifact: Artifact, key: str, folder: Path) -> Result:
         partial = folder.with_name(folder.name + ".partial")
@@ -188,6 +190,19 @@ class ArtifactStore:
         for artifact in artifacts:
             visit(artifact)
         return found
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`, waited for: one process computes an artifact, the others then reuse it.
+    The kernel drops the lock of a process that dies, so a killed one never blocks the next."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_record(folder: Path) -> dict[str, Any] | None:

@@ -119,7 +119,7 @@ class WeightFormatPlugin(Format):
         from ..devices import detect, source_dtype
 
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
-                        strict=False)  # a release refuses a device it can't have (api.require_device)
+                        strict=False)  # a release refuses a device it can't have (executors.require_device)
         reference = TransformersReference(tokens, source.identity, device.eval_dtype, device.name)
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):

@@ -113,6 +113,7 @@ class ReleaseContext:
     out_dir: Path
     log: Callable[[str], None] = print
     output: Any = None  # capture.LibraryOutput, when the libraries' output goes to log files
+    scratch_name: str = "quantized"  # see `scratch`: a Ray task gets its own
     store: ArtifactStore = field(init=False)
     _memo: dict[str, Any] = field(default_factory=dict, init=False)
 
@@ -130,6 +131,11 @@ class ReleaseContext:
         path = self.store.work_dir
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def scratch(self, owner: str) -> Path:
+        """A backend's folder for temporary files below `.work/<owner>/`, this process's alone (the
+        backend may empty it): tasks on other nodes writing the same output folder have theirs."""
+        return self.work_dir / owner / self.scratch_name
 
     @cached_property
     def model_path(self) -> Path:

@@ -364,7 +364,7 @@ class GGUFBackend(Backend):
     @property
     def scratch(self) -> Path:
         """Where llama-quantize writes before a file is moved into its staging folder."""
-        return self.context.work_dir / "gguf" / "quantized"
+        return self.context.scratch("gguf")
 
     def check(self, variants: list[Variant]) -> None:
         check_architecture(self.context.plan.source.facts, self.tools)

@@ -1,0 +1,119 @@
+"""`--executor ray` on a real two-node Ray cluster started on this machine (slow): a tiny release
+with GPTQ, AWQ and GGUF variants spread over both nodes, byte-identical to a local run; a rerun
+skips everything; a worker killed in the middle of a variant is retried and nothing is duplicated."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantize.cli import main
+from quantize.manifest import read_manifest, sha256_file
+
+from .conftest import REPO, tiny_recipe
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")]
+
+WORKER_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "GPTQMODEL_CPU_WORKERS", "QUANTIZE_WIKITEXT_DIR")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from local_ray_cluster import LocalRayCluster
+
+    env = {"PYTHONPATH": str(REPO), **{k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
+    with LocalRayCluster(nodes=2, cpus=1, env=env) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_model, tmp_path_factory) -> Path:
+    from quantize.engines.llamacpp import find_llama_cpp
+
+    try:
+        find_llama_cpp()
+    except Exception as exc:
+        pytest.skip(f"llama.cpp tools not built: {exc}")
+    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}], awq=[{"bits": 4, "group_size": 128}],
+                       gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True})
+    data["calibration"]["held_out"] = 0.02
+    path = tmp_path_factory.mktemp("ray-release") / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def release(recipe: Path, out: Path, capsys, *extra: str) -> dict:
+    capsys.readouterr()
+    code = main(["release", str(recipe), "--out", str(out), "--no-publish", "--json", *extra])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, summary
+    return summary
+
+
+def hashes(out: Path, summary: dict) -> dict[str, str]:
+    """Every file of every variant -> its sha256, read from the disk (and checked against its manifest)."""
+    found = {}
+    for variant in summary["variants"]:
+        manifest = read_manifest(out, variant["id"])
+        for entry in manifest.files:
+            found[entry.path] = sha256_file(out / entry.path)
+            assert found[entry.path] == entry.sha256, entry.path
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_run(recipe, tmp_path_factory):
+    """The reference: the local executor, torch pinned to one thread like each one-CPU Ray task."""
+    import torch
+
+    out = tmp_path_factory.mktemp("local") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["release", str(recipe), "--out", str(out), "--no-publish"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_ray_release_spreads_over_both_nodes_and_matches_a_local_run(cluster, recipe, local_run, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "out"
+    summary = release(recipe, out, capsys, "--executor", "ray", "--address", cluster.address)
+    variants = summary["variants"]
+    assert [v["status"] for v in variants] == ["done"] * 4
+    assert len({v["node"]["node_id"] for v in variants}) == 2, [v["node"] for v in variants]
+    assert all(v["node"]["hostname"] and v["node"]["ip"] and v["started_at"] and v["finished_at"] for v in variants)
+    local = {"variants": [{"id": v["id"]} for v in variants]}
+    assert hashes(out, summary) == hashes(local_run, local)
+    assert not [p for p in (out / ".staging").iterdir() if p.is_dir()]
+
+    again = release(recipe, out, capsys, "--executor", "ray", "--address", cluster.address)
+    assert [v["status"] for v in again["variants"]] == ["skipped"] * 4
+
+
+@pytest.mark.parametrize("point", ["produced", "manifest"])
+def test_a_worker_killed_mid_variant_is_retried_and_nothing_is_duplicated(cluster, recipe, local_run, tmp_path,
+                                                                         capsys, monkeypatch, point):
+    once = tmp_path / "killed"
+    monkeypatch.setenv("QUANTIZE_TEST_KILL_AT", point)  # forwarded to every task
+    monkeypatch.setenv("QUANTIZE_TEST_KILL_ONCE", str(once))
+    out = tmp_path / "out"  # the shared work (f16 GGUF, imatrix) reused from the local run: only the variants run
+    shutil.copytree(local_run / ".work", out / ".work", ignore=shutil.ignore_patterns("logs", "*.lock"))
+    summary = release(recipe, out, capsys, "--executor", "ray", "--address", cluster.address, "--only", "gguf")
+    assert once.exists(), "no worker was killed"
+    assert [(v["id"], v["status"]) for v in summary["variants"]] == [("gguf/Q4_K_M", "done"), ("gguf/Q8_0", "done")]
+    made = hashes(out, summary)
+    local = hashes(local_run, {"variants": [{"id": v["id"]} for v in summary["variants"]]})
+    assert made == local
+    files = sorted(p.relative_to(out).as_posix() for p in (out / "gguf").rglob("*") if p.is_file())
+    assert files == sorted(made)  # each file once, nothing half-made left beside them
+    assert not [p for p in (out / ".staging").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in (out / "manifests" / "gguf").iterdir()) == ["Q4_K_M.json", "Q8_0.json"]
