@@ -325,7 +325,7 @@ def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(re
         with eager_torch():
             densify_quantized_linears(broken, torch.float32)
             broken_kld = score_windows(broken, reference, bos, 1.0).kld_mean
-        assert broken_kld > KLD_4BIT_BOUND, (tensor, broken_kld, kld)
+        assert broken_kld > KLD_4BIT_BOUND, (tensor, broken_kld, kld)  # measured 0.090 and 0.0097 (real: 0.0014)
 
 
 @pytest.mark.slow
