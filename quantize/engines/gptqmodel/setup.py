@@ -52,6 +52,14 @@ def load_unquantized(model_path, dtype: str, quantize_config=None, trust_remote_
                           **extra)
 
 
+def quantize_config(settings: dict, device: str | None = None):
+    """GPTQModel's QuantizeConfig for a variant's settings, computing on `device` when it is a GPU."""
+    from gptqmodel import QuantizeConfig
+
+    on_gpu = {"device": device} if device and device.startswith("cuda") else {}
+    return QuantizeConfig(**settings, offload_to_disk=False, **on_gpu)
+
+
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents
 
 
