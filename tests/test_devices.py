@@ -197,5 +197,5 @@ def test_the_compute_dtype_changes_the_keys_and_the_device_name_does_not(tiny_mo
     assert replace(reference, eval_dtype="float16", device="cuda:0").inputs() != reference.inputs()
     assert replace(reference, device="cuda:3").inputs() == reference.inputs()
     hessians = next(a for a in plan.artifacts.values() if isinstance(a, GPTQHessians))
-    assert GPTQHessians(hessians.windows, hessians.source_identity, hessians.representative, 0, "float16", "cuda:0").inputs()["dtype"] == "float16"
-    assert GPTQHessians(hessians.windows, hessians.source_identity, hessians.representative, 0, "float32", "cuda:0").inputs() == hessians.inputs()
+    assert GPTQHessians(hessians.windows, hessians.source_identity, 0, "float16", "cuda:0").inputs()["dtype"] == "float16"
+    assert GPTQHessians(hessians.windows, hessians.source_identity, 0, "float32", "cuda:0").inputs() == hessians.inputs()
