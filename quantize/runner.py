@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +29,7 @@ from .killpoints import kill_point
 from .manifest import (Manifest, file_entries, mismatches, package_versions, read_manifest, refresh_times,
                        write_manifest)
 from .plan import Plan, Variant
+from .quality import gate_problem
 
 STAGING_DIR = ".staging"
 LOCK_FILE = ".lock"
@@ -199,7 +200,8 @@ def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
     outcomes = []
     try:
         for variant in plan.variants:
-            outcome = run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log, output)
+            outcome = quality_gate(run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir,
+                                               log, output), plan.recipe.quality.max_kld)
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
@@ -212,6 +214,15 @@ def close_backends(backends: dict[str, Backend], output) -> None:
     with output.section("shared"):
         for backend in backends.values():
             backend.close()
+
+
+def quality_gate(outcome: Outcome, max_kld: float) -> Outcome:
+    """A made (or finished) variant whose KL divergence is above the recipe's gate fails, its files and
+    manifest kept: a rerun with a higher `quality.max_kld` publishes it without making it again."""
+    problem = gate_problem(outcome.manifest.quality, max_kld) if outcome.manifest else None
+    if problem is None:
+        return outcome
+    return replace(outcome, status="failed", error=f"{problem} (files kept; not published)")
 
 
 class NoCapture:

@@ -57,6 +57,11 @@ def release(recipe: Path, out: Path, capsys, *extra: str) -> dict:
     return summary
 
 
+def staged_files(out: Path) -> list[Path]:
+    """What is left in `.staging/` besides the variants' lock files: nothing, after a release that completed."""
+    return [p for p in (out / ".staging").rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
 def hashes(out: Path, summary: dict) -> dict[str, str]:
     """Every file of every variant -> its sha256, read from the disk (and checked against its manifest)."""
     found = {}
@@ -93,7 +98,7 @@ def test_ray_release_spreads_over_both_nodes_and_matches_a_local_run(cluster, re
     assert all(v["node"]["hostname"] and v["node"]["ip"] and v["started_at"] and v["finished_at"] for v in variants)
     local = {"variants": [{"id": v["id"]} for v in variants]}
     assert hashes(out, summary) == hashes(local_run, local)
-    assert not [p for p in (out / ".staging").iterdir() if p.is_dir()]
+    assert not staged_files(out)
 
     again = release(recipe, out, capsys, "--executor", "ray", "--address", cluster.address)
     assert [v["status"] for v in again["variants"]] == ["skipped"] * 4
@@ -115,5 +120,5 @@ def test_a_worker_killed_mid_variant_is_retried_and_nothing_is_duplicated(cluste
     assert made == local
     files = sorted(p.relative_to(out).as_posix() for p in (out / "gguf").rglob("*") if p.is_file())
     assert files == sorted(made)  # each file once, nothing half-made left beside them
-    assert not [p for p in (out / ".staging").iterdir() if p.is_dir()]
+    assert not staged_files(out)
     assert sorted(p.name for p in (out / "manifests" / "gguf").iterdir()) == ["Q4_K_M.json", "Q8_0.json"]

@@ -28,7 +28,7 @@ from ..errors import BadInput, WorkFailed
 from ..formats import ReleaseContext
 from ..plan import Plan, Variant
 from ..runner import (STAGING_DIR, NoCapture, Outcome, check_backends, close_backends, error_line, finished_variants,
-                      is_finished, run_variant, utc_now)
+                      is_finished, quality_gate, run_variant, utc_now)
 from ..stages import WORK_DIR, file_lock
 from .graph import ARTIFACT, Task, build_graph, unplaceable
 
@@ -221,7 +221,9 @@ class RayExecutor:
         self._connect()
         finished = finished_variants(plan, out_dir, log, check_hashes)
         pending = [v for v in plan.variants if finished[v.id] is None]
-        outcomes = {v.id: Outcome(v, "skipped", finished[v.id]) for v in plan.variants if finished[v.id]}
+        max_kld = plan.recipe.quality.max_kld
+        outcomes = {v.id: quality_gate(Outcome(v, "skipped", finished[v.id]), max_kld)
+                    for v in plan.variants if finished[v.id]}
         for outcome in outcomes.values():
             if on_outcome:
                 on_outcome(outcome)
@@ -307,7 +309,7 @@ class RayExecutor:
                         outcome = ray.get(ref)
                     except Exception as exc:  # its worker died every attempt, or shared work it needs failed
                         outcome = failed_outcome(variant, exc, where.get(variant.id))
-                    results[variant.id] = outcome
+                    results[variant.id] = outcome = quality_gate(outcome, plan.recipe.quality.max_kld)
                     if on_outcome:
                         on_outcome(outcome)
             self._drain(events, where, log)

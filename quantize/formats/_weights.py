@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from ..calibration import CalibrationTextArtifact, TokensArtifact, WindowsArtifact
+from ..calibration import WindowsArtifact
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
 from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
@@ -112,15 +112,13 @@ class WeightFormatPlugin(Format):
         specs: list[WeightVariantSpec] = getattr(recipe, self.name)
         repo_id = recipe.release.repo_id(self.title)
         calibration = recipe.resolved_calibration()
-        text = CalibrationTextArtifact(calibration)
-        tokens = TokensArtifact(text, source.identity)
-        from ..evaluate import TransformersReference
-
         from ..devices import detect, source_dtype
+        from ..evaluate import fp16_reference
 
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
                         strict=False)  # a release refuses a device it can't have (executors.require_device)
-        reference = TransformersReference(tokens, source.identity, device.eval_dtype, device.name)
+        reference = fp16_reference(recipe, source)
+        tokens = reference.tokens
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):
             check_group_divides(self.name, index, spec.group_size, source.facts)
