@@ -199,5 +199,5 @@ def test_the_compute_dtype_changes_the_keys_and_the_device_name_does_not(tiny_mo
     assert TransformersReference(reference.tokens, reference.source_identity, reference.eval_dtype, "cuda:3").inputs() == \
         reference.inputs()
     hessians = next(a for a in plan.artifacts.values() if isinstance(a, GPTQHessians))
-    assert GPTQHessians(hessians.windows, hessians.source_identity, 0, "float16", "cuda:0").inputs()["dtype"] == "float16"
-    assert GPTQHessians(hessians.windows, hessians.source_identity, 0, "float32", "cuda:0").inputs() == hessians.inputs()
+    assert GPTQHessians(hessians.windows, hessians.source_identity, hessians.representative, 0, "float16", "cuda:0").inputs()["dtype"] == "float16"
+    assert GPTQHessians(hessians.windows, hessians.source_identity, hessians.representative, 0, "float32", "cuda:0").inputs() == hessians.inputs()

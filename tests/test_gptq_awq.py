@@ -100,6 +100,26 @@ def test_dense_linear_reproduces_the_layer():
     assert torch.allclose(dense(x), layer(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("sym, group_size", [(False, 64), (True, 32), (False, -1)])
+def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_size):
+    import types
+
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    from quantize.engines.gptqmodel.setup import awq_best_clip
+
+    processor = types.SimpleNamespace(qcfg=types.SimpleNamespace(group_size=group_size, sym=sym, bits=4))
+    processor._pseudo_quantize_tensor_into = types.MethodType(AWQProcessor._pseudo_quantize_tensor_into, processor)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=generator) * 0.05
+    weight[:, :8] *= 20  # outliers, so that clipping them pays off in some groups
+    features = torch.randn(700, 256, generator=generator)
+    theirs = AWQProcessor._compute_best_clip(processor, weight, features)
+    ours = awq_best_clip(processor, weight, features)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs)
+    assert (ours < weight.abs().reshape(ours.shape[0], ours.shape[1], -1).amax(-1, keepdim=True)).any()  # some clipped
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     class Uniform(torch.nn.Module):
         def forward(self, input_ids):
@@ -354,6 +374,34 @@ def test_hessians_are_the_inputs_second_moment_and_stacked_solves_match_single_o
         (alone,) = shared.solve_group([linears[name]], found.of(name), found.tokens, config)["parts"]
         assert all(torch.equal(a, b) for a, b in zip(together, alone)), name
 
+
+@pytest.mark.slow
+def test_hessians_through_the_representative_see_its_quantized_earlier_layers(tiny_model):
+    """Layer 0 reads the embeddings: the same Hessians as from the fp16 model. Layer 1 reads what the
+    representative's quantized layer 0 gives: the fp16 pass over a model whose layer 0 was replaced by
+    that permutation's own solve gives the same Hessians, and they differ from the fp16 model's."""
+    from quantize.engines.gptqmodel import hessians as shared
+    from quantize.engines.gptqmodel.setup import load_unquantized
+
+    torch.manual_seed(0)
+    windows = [torch.randint(0, 49152, (64,)).tolist() for _ in range(3)]
+    config = GPTQ.quantize_config(GPTQVariant(bits=4, group_size=64, act_order=True))
+    through = shared.capture_hessians_through(load_unquantized(tiny_model, "float32", config), windows)
+    model = load_unquantized(tiny_model, "float32", config)
+    plain = shared.capture_hessians(model, windows)
+    assert set(through.matrices) == set(plain.matrices) and through.aliases == plain.aliases
+    first = [name for name in plain.matrices if name.startswith("model.layers.0.")]
+    for name in first:
+        assert torch.allclose(through.matrices[name], plain.matrices[name], rtol=1e-5, atol=1e-7), name
+    linears = shared.decoder_linears(model)
+    for group in shared.input_groups({n: m for n, m in linears.items() if n.startswith("model.layers.0.")}, plain):
+        results = shared.solve_group([linears[n] for n in group], plain.of(group[0]), plain.tokens, config)
+        for name, (weights, *_) in zip(group, results["parts"]):
+            linears[name].weight.data = weights
+    after = shared.capture_hessians(model, windows)
+    second = "model.layers.1.self_attn.q_proj"
+    assert torch.allclose(through.matrices[second], after.matrices[second], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(through.matrices[second], plain.matrices[second], rtol=1e-3, atol=1e-5)
 
 @pytest.mark.slow
 def test_permutations_share_one_calibration_pass(release):

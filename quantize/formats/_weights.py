@@ -121,22 +121,27 @@ class WeightFormatPlugin(Format):
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
                         strict=False)  # a release refuses a device it can't have (api.require_device)
         reference = TransformersReference(tokens, source.identity, device.eval_dtype, device.name)
+        calibrations = [calibration.model_copy(update={"seq_len": spec.seq_len or calibration.seq_len})
+                        for spec in specs]
+        windows_of = [WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed) for calib in calibrations]
+        peers = list(zip(specs, windows_of))
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):
             check_group_divides(self.name, index, spec.group_size, source.facts)
-            calib = calibration.model_copy(update={"seq_len": spec.seq_len or calibration.seq_len})
-            windows = WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed)
+            calib, windows = calibrations[index], windows_of[index]
             variants.append(Variant(
                 id=f"{self.name}/{branch}", format=self.name, repo_id=repo_id, branch=branch, name=branch,
                 spec=spec, calibration=calib, description=spec.description or spec.default_description(),
                 estimated_bytes=weight_bytes(source.facts, spec.bits, spec.group_size),
                 subdir=self.output_subdir(branch), source_identity=source.identity,
-                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device))
+                needs=(windows, *self.shared_work(spec, windows, source, device, peers), reference),
+                device=device))
         return variants
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
-                    device: "Device") -> tuple:
-        """Artifacts besides the windows and the fp16 reference that a permutation is made from."""
+                    device: "Device", peers: list[tuple[WeightVariantSpec, WindowsArtifact]]) -> tuple:
+        """Artifacts besides the windows and the fp16 reference that a permutation is made from
+        (`peers`: every permutation of the section with its windows, in recipe order)."""
         return ()
 
     def method(self, variant: Variant) -> str:

@@ -87,10 +87,14 @@ class GPTQFormat(WeightFormatPlugin):
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, GPTQ)
 
-    def shared_work(self, spec: GPTQVariant, windows, source, device) -> tuple:
+    def shared_work(self, spec: GPTQVariant, windows, source, device, peers) -> tuple:
         if spec.hessian != "shared":
             return ()
-        return (GPTQHessians(windows, source.identity, hessian_bytes(source.facts.config if source.facts else None),
+        # the first shared permutation calibrated on the same windows quantizes the earlier layers
+        representative = next(peer for peer, peer_windows in peers
+                              if peer.hessian == "shared" and peer_windows == windows)
+        return (GPTQHessians(windows, source.identity, tuple(sorted(gptq_settings(representative).items())),
+                             hessian_bytes(source.facts.config if source.facts else None),
                              device.compute_dtype, device.name),)
 
     def describe_more(self, spec: GPTQVariant) -> str:

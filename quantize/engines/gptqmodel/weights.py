@@ -23,7 +23,8 @@ from ...manifest import package_versions
 from ...stages import Stopwatch
 from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import awq_in_float32, eager_torch, import_gptqmodel, load_unquantized, supported_model_types
+from .setup import (awq_fixes, eager_torch, import_gptqmodel, load_unquantized, quantize_config,
+                    supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
@@ -44,10 +45,7 @@ class WeightFormat:
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
     def quantize_config(self, spec: Any, device: Device | None = None):
-        from gptqmodel import QuantizeConfig
-
-        on_gpu = {"device": device.name} if device is not None and device.is_cuda else {}
-        return QuantizeConfig(**self.quantize_settings(spec), offload_to_disk=False, **on_gpu)
+        return quantize_config(self.quantize_settings(spec), device.name if device is not None else None)
 
     def backend_for(self, device: Device | None) -> str:
         """GPTQModel's kernels for quantizing: its own choice (GPU kernels) on a GPU."""
@@ -154,7 +152,7 @@ class GPTQModelBackend(Backend):
             with clock.stage("quantize"):
                 quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
         else:
-            with clock.stage("quantize"), awq_in_float32():
+            with clock.stage("quantize"), awq_fixes():
                 model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
         damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
         with clock.stage("save"):
