@@ -163,12 +163,15 @@ def test_old_records_without_kld_render_with_dashes(tmp_path):
     old = {key: m.model_copy(update={"quality": {"perplexity": 12.5, "baseline_perplexity": 11.0,
                                                  "engine": m.quality["engine"]}}) for key, m in manifests.items()}
     old["gguf/Q8_0"] = old["gguf/Q8_0"].model_copy(update={"quality": {}})  # measured nothing at all
+    old["gguf/Q4_K_M"].quality["baseline_perplexity"] = 10.0  # the engines' baselines used to differ
     inputs = plan_card_inputs(plan, old, OriginalCard({}, "x\n"), PromptTemplate("None", "{prompt}"))
-    text = render_card(inputs, "gguf")
-    rows = provided_files(text, "GGUF")
+    for fmt in ("gguf", "gptq"):
+        text = render_card(inputs, fmt)
+        assert "not measured (made before quantize measured KL divergence and top-1 agreement)" in text
+        assert "**11.00** with transformers, **10.00** with llama.cpp" in text and "same fp16 reference" not in text
+        assert "No file of this release has a measured KL divergence yet" in text and CHART_FILE not in text
+    rows = provided_files(render_card(inputs, "gguf"), "GGUF")
     assert rows[0].split(" | ")[5:9] == ["12.50", "—", "—", "—"] and rows[1].split(" | ")[5:9] == ["—"] * 4
-    assert "not measured (the files were made before quantize measured KL divergence)" in text
-    assert "No file of this release has a measured KL divergence yet" in text and CHART_FILE not in text
 
 
 def test_the_chart_is_deterministic_and_carries_no_software_or_date():

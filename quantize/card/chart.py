@@ -40,13 +40,15 @@ def render_chart(points: list[ChartPoint], title: str) -> bytes:
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         series = list(dict.fromkeys(p.series for p in points))
+        low, high = min(p.size for p in points) / scale, max(p.size for p in points) / scale
         for index, name in enumerate(series):
             mine = [p for p in points if p.series == name]
             xs, ys = [p.size / scale for p in mine], [max(p.kld, floor) for p in mine]
             axes.scatter(xs, ys, marker=MARKERS[index % len(MARKERS)], color=f"C{index}", s=42, label=name, zorder=3)
             for point, x, y in zip(mine, xs, ys):
-                axes.annotate(point.label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7,
-                              color=f"C{index}")
+                left = high > low and x - low > 0.7 * (high - low)  # labels of the rightmost points go left
+                axes.annotate(point.label, (x, y), xytext=(-5 if left else 5, 4), textcoords="offset points",
+                              ha="right" if left else "left", fontsize=7, color=f"C{index}")
         axes.set_yscale("log")
         axes.margins(x=0.15, y=0.15)  # room for the labels of the outermost points
         axes.set_xlabel(f"File size ({unit})")

@@ -209,13 +209,14 @@ def _quality(inputs: CardInputs) -> dict[str, Any] | None:
         baseline = _number(entry.quality.get("baseline_perplexity"))
         if baseline is not None and engine not in baselines.setdefault(round(baseline, 2), []):
             baselines[round(baseline, 2)].append(engine)
-    evaluation = next((e.quality.get(key) for _, e in measured for key in ("eval_tokens", "eval_windows", "eval_window")
-                       if e.quality.get(key)), None)
+    # one protocol: every file scored on the same tokens against one fp16 reference (older manifests were not)
+    one_protocol = len(baselines) == 1 and all(_number(e.quality.get("kld_mean")) is not None
+                                               and e.quality.get("eval_tokens") for _, e in measured)
     return {"engines": [{"engine": engine, "formats": formats} for engine, formats in engines.items()],
             "baselines": [{"value": value, "engines": names} for value, names in baselines.items()],
             "tokens": quality.get("eval_tokens"), "windows": quality.get("eval_windows"),
-            "window": quality.get("eval_window"), "has_protocol": evaluation is not None,
-            "has_kld": any(_number(e.quality.get("kld_mean")) is not None for _, e in measured),
+            "window": quality.get("eval_window"), "has_protocol": one_protocol,
+            "missing_kld": any(_number(e.quality.get("kld_mean")) is None for _, e in measured),
             "evaluation": quality.get("eval_text") or (first.calibration or {}).get("evaluation", ""),
             "dataset": quality.get("dataset") or (dataset_label(first.calibration) if first.calibration else "held-out")}
 
@@ -274,7 +275,7 @@ def _which_file(inputs: CardInputs) -> dict[str, Any]:
         "best": {"label": md(choice.best_per_gb.label), "url": choice.best_per_gb.url,
                  "size": format_size(choice.best_per_gb.size), "kld": kld_text(choice.best_per_gb.kld)}
         if choice.best_per_gb else None,
-        "ranked": choice.ranked,
+        "ranked": choice.ranked, "kinds": list(choice.kinds),
     }
 
 
