@@ -90,7 +90,8 @@ def variant_row(manifest, seconds: float, rss_mb: float) -> dict:
             "size_mb": round(manifest.total_size / 1e6, 2),
             "weights_mb": round(sum(f.size for f in manifest.weight_files()) / 1e6, 2),
             "perplexity": quality.get("perplexity"), "baseline_perplexity": quality.get("baseline_perplexity"),
-            "timings": manifest.timings}
+            "kld_mean": quality.get("kld_mean"), "kld_p99": quality.get("kld_p99"),
+            "top1_agreement": quality.get("top1_agreement"), "timings": manifest.timings}
 
 
 def run_release(recipe_path: Path, out: Path, only: str | None = None) -> list[dict]:

@@ -97,18 +97,25 @@ def label(manifest, imatrix: bool) -> str:
     return f"{manifest.format.upper()} {params['bits']}-bit g{group}{order}"
 
 
-def bits_per_weight(manifest) -> float | None:
-    return manifest.measured.get("bits_per_weight") or manifest.requested.get("bpw")
+def source_parameters(model: Path) -> int:
+    """The fp16 model's parameter count: its safetensors' bytes / 2."""
+    return sum(p.stat().st_size for p in model.glob("*.safetensors")) // 2
 
 
-def row(manifest, imatrix: bool) -> dict:
+def bits_per_weight(manifest, parameters: int) -> float:
+    """The same measure for every format: the weight files' bits over the source's parameters."""
+    return round(sum(f.size for f in manifest.weight_files()) * 8 / parameters, 2)
+
+
+def row(manifest, imatrix: bool, parameters: int) -> dict:
     quality = manifest.quality
     return {"variant": label(manifest, imatrix), "size_mb": round(manifest.total_size / 1e6, 1),
-            "bpw": bits_per_weight(manifest), "perplexity": quality.get("perplexity"),
+            "bpw": bits_per_weight(manifest, parameters), "perplexity": quality.get("perplexity"),
             "kld_mean": quality.get("kld_mean"), "kld_p99": quality.get("kld_p99"),
             "top1": quality.get("top1_agreement"), "engine": quality.get("engine"),
             "baseline": quality.get("baseline_perplexity"),
-            "engine_baseline": quality.get("engine_baseline_perplexity")}
+            "engine_baseline": quality.get("engine_baseline_perplexity"),
+            "quantize_s": manifest.timings.get("quantize")}
 
 
 def number(value, spec: str) -> str:
@@ -122,20 +129,21 @@ def main() -> None:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     print("GPTQ, AWQ and the GGUF ladder with an importance matrix:", flush=True)
-    rows = [row(m, True) for m in run_release(args, imatrix=True)]
+    parameters = source_parameters(args.model)
+    rows = [row(m, True, parameters) for m in run_release(args, imatrix=True)]
     print("the GGUF ladder without an importance matrix:", flush=True)
-    rows += [row(m, False) for m in run_release(args, imatrix=False)]
+    rows += [row(m, False, parameters) for m in run_release(args, imatrix=False)]
     rows.sort(key=lambda r: r["size_mb"])
     baseline = rows[0]["baseline"]
     engine_baselines = sorted({r["engine_baseline"] for r in rows if r["engine_baseline"]})
     print(f"\nfp16 perplexity (transformers) {number(baseline, '.3f')}; llama.cpp's F16 on the same tokens "
           + ", ".join(f"{b:.3f}" for b in engine_baselines))
-    print("\n| File | Size MB | bpw | PPL | KLD mean | KLD p99 | top-1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| File | Size MB | bpw | PPL | KLD mean | KLD p99 | top-1 | quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['size_mb']:.1f} | {number(r['bpw'], '.2f')} | {number(r['perplexity'], '.3f')} | "
               f"{number(r['kld_mean'], '.4f')} | {number(r['kld_p99'], '.3f')} | "
-              f"{number(None if r['top1'] is None else 100 * r['top1'], '.1f')}% |")
+              f"{number(None if r['top1'] is None else 100 * r['top1'], '.1f')}% | {number(r['quantize_s'], '.0f')} |")
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
     print(f"\nsummary: {args.out / 'summary.json'}")
 

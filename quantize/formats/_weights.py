@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from ..calibration import CalibrationTextArtifact, TokensArtifact, WindowsArtifact
+from ..calibration import WindowsArtifact
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
 from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
@@ -112,36 +112,29 @@ class WeightFormatPlugin(Format):
         specs: list[WeightVariantSpec] = getattr(recipe, self.name)
         repo_id = recipe.release.repo_id(self.title)
         calibration = recipe.resolved_calibration()
-        text = CalibrationTextArtifact(calibration)
-        tokens = TokensArtifact(text, source.identity)
-        from ..evaluate import TransformersReference
-
         from ..devices import detect, source_dtype
+        from ..evaluate import fp16_reference
 
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
                         strict=False)  # a release refuses a device it can't have (api.require_device)
-        reference = TransformersReference(tokens, source.identity, device.eval_dtype, device.name)
-        calibrations = [calibration.model_copy(update={"seq_len": spec.seq_len or calibration.seq_len})
-                        for spec in specs]
-        windows_of = [WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed) for calib in calibrations]
-        peers = list(zip(specs, windows_of))
+        reference = fp16_reference(recipe, source)
+        tokens = reference.tokens
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):
             check_group_divides(self.name, index, spec.group_size, source.facts)
-            calib, windows = calibrations[index], windows_of[index]
+            calib = calibration.model_copy(update={"seq_len": spec.seq_len or calibration.seq_len})
+            windows = WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed)
             variants.append(Variant(
                 id=f"{self.name}/{branch}", format=self.name, repo_id=repo_id, branch=branch, name=branch,
                 spec=spec, calibration=calib, description=spec.description or spec.default_description(),
                 estimated_bytes=weight_bytes(source.facts, spec.bits, spec.group_size),
                 subdir=self.output_subdir(branch), source_identity=source.identity,
-                needs=(windows, *self.shared_work(spec, windows, source, device, peers), reference),
-                device=device))
+                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device))
         return variants
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
-                    device: "Device", peers: list[tuple[WeightVariantSpec, WindowsArtifact]]) -> tuple:
-        """Artifacts besides the windows and the fp16 reference that a permutation is made from
-        (`peers`: every permutation of the section with its windows, in recipe order)."""
+                    device: "Device") -> tuple:
+        """Artifacts besides the windows and the fp16 reference that a permutation is made from."""
         return ()
 
     def method(self, variant: Variant) -> str:

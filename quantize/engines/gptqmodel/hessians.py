@@ -65,128 +65,46 @@ class Hessians:
         return self.matrices[self.aliases.get(name, name)]
 
 
-class _InputAccumulator:
-    """Forward hooks on linear layers summing xᵀx of their inputs; layers that read the very same
-    tensor (q/k/v, gate/up) share one sum, recorded as aliases of the first."""
-
-    def __init__(self, linears: dict[str, Any]):
-        self.sums: dict[str, Any] = {}
-        self.aliases: dict[str, str] = {}
-        self.seen: dict[int, tuple[Any, str]] = {}  # id(input) -> (input kept alive, leader), within one call
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in linears.items()]
-
-    def _hook(self, name: str):
-        import torch
-
-        def accumulate(module, args, output):
-            x = args[0]
-            if id(x) in self.seen and self.seen[id(x)][0] is x:
-                self.aliases[name] = self.seen[id(x)][1]
-                return
-            self.seen[id(x)] = (x, name)
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
-            self.sums[name].addmm_(flat.t(), flat)
-        return accumulate
-
-    def forget_inputs(self, *_: Any) -> None:
-        self.seen.clear()  # ids may be reused once a tensor is freed
-
-    def hessians(self, tokens: int) -> "Hessians":
-        for handle in self.handles:
-            handle.remove()
-        return Hessians({name: (2.0 / tokens) * total for name, total in self.sums.items()}, self.aliases, tokens)
-
-
 def capture_hessians(gptq_model, windows: list[list[int]]) -> Hessians:
     """One forward pass of the unquantized model over the windows, accumulating xᵀx per layer input."""
     import torch
 
     linears = decoder_linears(gptq_model)
-    accumulator = _InputAccumulator(linears)
+    sums: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, tuple[Any, str]] = {}  # id(input) -> (input kept alive, leader) within one layer
+    tokens = 0
+
+    def hook(name):
+        def accumulate(module, args, output):
+            x = args[0]
+            if id(x) in seen and seen[id(x)][0] is x:
+                aliases[name] = seen[id(x)][1]
+                return
+            seen[id(x)] = (x, name)
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            if name not in sums:
+                sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
+            sums[name].addmm_(flat.t(), flat)
+        return accumulate
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
+    layer_names = sorted({name.rsplit(".", 2)[0] for name in linears})
+    for layer_name in layer_names:  # forget inputs between layers: ids may be reused
+        handles.append(gptq_model.model.get_submodule(layer_name).register_forward_pre_hook(lambda *_: seen.clear()))
     model = gptq_model.model
-    handles = [model.get_submodule(name).register_forward_pre_hook(accumulator.forget_inputs)
-               for name in sorted({name.rsplit(".", 2)[0] for name in linears})]
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
             for ids in windows:
                 model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                accumulator.forget_inputs()
+                tokens += len(ids)
+                seen.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return accumulator.hessians(sum(len(ids) for ids in windows))
-
-
-class _FirstLayerReached(Exception):
-    pass
-
-
-def first_layer_inputs(model, first_layer, windows: list[list[int]]) -> list[tuple[tuple, dict]]:
-    """What the first decoder layer is called with for each window (hidden states, masks, rotary
-    embeddings), from the embeddings alone: the model stops there."""
-    import torch
-
-    calls: list[tuple[tuple, dict]] = []
-
-    def stop(module, args, kwargs):
-        calls.append((args, kwargs))
-        raise _FirstLayerReached
-
-    handle = first_layer.register_forward_pre_hook(stop, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for ids in windows:
-            try:
-                model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-            except _FirstLayerReached:
-                pass
-    finally:
-        handle.remove()
-    return calls
-
-
-def capture_hessians_through(gptq_model, windows: list[list[int]]) -> Hessians:
-    """The Hessians GPTQModel's sequential loop would see for the permutation in
-    `gptq_model.quantize_config` (the representative): layer by layer, each decoder layer's inputs
-    are the outputs of the earlier layers once that permutation has quantized them (its own solve,
-    weights replaced by their dequantized values), so every permutation solves with the error
-    of quantized earlier layers in its inputs. Two forward passes of each layer; the layers of one
-    decoder layer see its unquantized sublayers' outputs."""
-    import torch
-
-    model = gptq_model.model
-    layers_node = gptq_model.extract_layers_node()
-    prefix = layers_node[0] if isinstance(layers_node, (list, tuple)) else layers_node
-    layers = model.get_submodule(prefix)
-    linears = decoder_linears(gptq_model)
-    tokens = sum(len(ids) for ids in windows)
-    qcfg = gptq_model.quantize_config
-    matrices: dict[str, Any] = {}
-    aliases: dict[str, str] = {}
-    with torch.inference_mode():
-        calls = first_layer_inputs(model, layers[0], windows)
-        for index, layer in enumerate(layers):
-            own = {name: module for name, module in linears.items() if name.startswith(f"{prefix}.{index}.")}
-            accumulator = _InputAccumulator(own)
-            for args, kwargs in calls:
-                layer(*args, **kwargs)
-                accumulator.forget_inputs()
-            hessians = accumulator.hessians(tokens)
-            for group in input_groups(own, hessians):
-                results = solve_group([own[name] for name in group], hessians.of(group[0]), tokens, qcfg)
-                for name, (weights, *_) in zip(group, results["parts"]):
-                    own[name].weight.data = weights.to(own[name].weight.dtype)
-            matrices.update(hessians.matrices)
-            aliases.update(hessians.aliases)
-            calls = [((layer_output(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls]
+    matrices = {name: (2.0 / tokens) * total for name, total in sums.items()}
     return Hessians(matrices, aliases, tokens)
-
-
-def layer_output(output: Any):
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def save_hessians(hessians: Hessians, folder: Path) -> None:
@@ -280,12 +198,10 @@ def solve_group(members: list[Any], hessian, tokens: int, qcfg) -> dict[str, Any
 
 @dataclass(frozen=True, repr=False)
 class GPTQHessians(Artifact):
-    """Every decoder linear's Hessian over one set of calibration windows, with the earlier layers
-    quantized as the representative permutation quantizes them (`capture_hessians_through`)."""
+    """Every decoder linear's Hessian over one set of calibration windows, from the fp16 model."""
 
     windows: Artifact  # calibration.WindowsArtifact
     source_identity: str
-    representative: tuple[tuple[str, Any], ...]  # its GPTQModel QuantizeConfig settings, sorted
     estimated: int = 0
     dtype: str = "float32"  # the dtype the model computes in (the device's compute dtype; sums are float32)
     device: str = "cpu"  # where: not an input (the same dtype gives the same Hessians)
@@ -295,8 +211,7 @@ class GPTQHessians(Artifact):
         return f"gptq_hessians_{self.windows.seq_len}"
 
     def inputs(self) -> dict[str, Any]:
-        return {"model": self.source_identity, "dtype": self.dtype, "through": dict(self.representative),
-                "version": 2}
+        return {"model": self.source_identity, "dtype": self.dtype, "version": 1}
 
     def needs(self) -> tuple[Artifact, ...]:
         return (self.windows,)
@@ -305,12 +220,11 @@ class GPTQHessians(Artifact):
         return self.estimated
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
-        from .setup import load_unquantized, quantize_config
+        from .setup import load_unquantized
 
-        model = load_unquantized(store.context.model_path, self.dtype,
-                                 quantize_config(dict(self.representative), self.device),
-                                 trust_remote_code=store.context.trust_remote_code, device=self.device)
-        hessians = capture_hessians_through(model, store.value(self.windows))
+        model = load_unquantized(store.context.model_path, self.dtype, trust_remote_code=store.context.trust_remote_code,
+                                 device=self.device)
+        hessians = capture_hessians(model, store.value(self.windows))
         save_hessians(hessians, folder)
         return {"tokens": hessians.tokens, "matrices": len(hessians.matrices), "modules": len(decoder_linears(model))}
 

@@ -108,13 +108,14 @@ class GPTQModelBackend(Backend):
 
     # check
     def check(self, variants: list[Variant]) -> None:
+        from ...evaluate import FP16Reference
+
         import_gptqmodel()
         self._check_source()
         store = self.context.store
         for variant in variants:
             store.get(needed(variant, WindowsArtifact))  # BadInput when the text is too short
-            if not evaluation_windows_of(store.value(needed(variant, WindowsArtifact).tokens)):
-                raise BadInput("calibration: the held-out evaluation text is empty; raise calibration.held_out")
+            needed(variant, FP16Reference).check(store)
 
     def _check_source(self) -> None:
         fmt = self.weight_format.name
@@ -179,7 +180,8 @@ class GPTQModelBackend(Backend):
         assemble_release(saved, staging, self.context.model_path)
 
     def _verify(self, variant: Variant, staging: Path, clock: Stopwatch) -> dict[str, Any]:
-        from ...evaluate import TransformersReference, densify_quantized_linears, perplexity
+        from ...evaluate import ENGINE, FP16Reference, densify_quantized_linears, score_windows
+        from ...quality import quality_record
 
         store = self.context.store
         device = variant.device or CPU
@@ -188,25 +190,19 @@ class GPTQModelBackend(Backend):
             model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code, device)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
-            reference = needed(variant, TransformersReference)
-            baseline = store.value(reference)
+            artifact = needed(variant, FP16Reference)
+            reference = store.value(artifact)
         with clock.stage("evaluate"):
             with eager_torch():
                 densify_quantized_linears(model, device.torch_dtype("eval"))
-            result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
+            quality = score_windows(model, reference.file, reference.bos, reference.perplexity)
         del model
         gc.collect()
-        if not result.perplexity < float("inf"):
-            raise WorkFailed(f"the quantized model's perplexity is not finite ({result.perplexity})")
-        text = store.value(reference.tokens.text)
-        return {**result.as_quality(baseline, text.facts.get("evaluation"), device.torch_dtype("eval")),
-                "dataset": text.label, "generated_tokens": generated}
+        if not quality.perplexity < float("inf"):
+            raise WorkFailed(f"the quantized model's perplexity is not finite ({quality.perplexity})")
+        text = store.value(artifact.tokens.text)
+        return quality_record(quality, ENGINE, eval_dtype=device.eval_dtype, eval_text=text.facts.get("evaluation"),
+                              dataset=text.label, generated_tokens=generated)
 
     def tool_versions(self) -> dict[str, str]:
         return package_versions(TOOL_PACKAGES)
-
-
-def evaluation_windows_of(tokens) -> list[list[int]]:
-    from ...evaluate import evaluation_windows
-
-    return evaluation_windows(tokens.evaluation)
