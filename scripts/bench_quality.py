@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from quantize.card.chart import ChartPoint, render_chart  # noqa: E402
 from quantize.plan import build_plan  # noqa: E402
 from quantize.quant_types import GGUF_LADDER  # noqa: E402
 from quantize.recipe import load_recipe  # noqa: E402
@@ -52,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=16, help="GPTQ/AWQ calibration windows")
     parser.add_argument("--held-out", type=float, default=0.03)
     parser.add_argument("--no-weights", action="store_true", help="GGUF only (quick)")
+    parser.add_argument("--chart", type=Path, help="where to write the chart (default: in --out)")
     parser.add_argument("--fresh", action="store_true", help="delete earlier results first")
     return parser.parse_args()
 
@@ -63,6 +65,7 @@ def recipe_for(args: argparse.Namespace, imatrix: bool) -> dict:
                    "license": "apache-2.0"},
         "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
         "calibration": {"dataset": "wikitext", "samples": args.samples, "seq_len": 512, "held_out": args.held_out},
+        "quality": {"max_kld": 100.0},  # measure every type, Q2_K without an importance matrix included
         "gguf": {"types": args.types, "imatrix": imatrix, **({"imatrix_chunks": 64} if imatrix else {})},
     }
     if imatrix and not args.no_weights:
@@ -109,7 +112,8 @@ def bits_per_weight(manifest, parameters: int) -> float:
 
 def row(manifest, imatrix: bool, parameters: int) -> dict:
     quality = manifest.quality
-    return {"variant": label(manifest, imatrix), "size_mb": round(manifest.total_size / 1e6, 1),
+    return {"variant": label(manifest, imatrix), "series": manifest.format.upper() + (" imatrix" if imatrix and manifest.format == "gguf" else ""),
+            "size": manifest.total_size, "size_mb": round(manifest.total_size / 1e6, 1),
             "bpw": bits_per_weight(manifest, parameters), "perplexity": quality.get("perplexity"),
             "kld_mean": quality.get("kld_mean"), "kld_p99": quality.get("kld_p99"),
             "top1": quality.get("top1_agreement"), "engine": quality.get("engine"),
@@ -145,7 +149,11 @@ def main() -> None:
               f"{number(r['kld_mean'], '.4f')} | {number(r['kld_p99'], '.3f')} | "
               f"{number(None if r['top1'] is None else 100 * r['top1'], '.1f')}% | {number(r['quantize_s'], '.0f')} |")
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nsummary: {args.out / 'summary.json'}")
+    chart = args.chart or args.out / "size-vs-kld.png"
+    chart.write_bytes(render_chart([ChartPoint(r["series"], r["variant"].split(" ", 1)[1].removesuffix(" imatrix"), r["size"],
+                                               r["kld_mean"])
+                                    for r in rows if r["kld_mean"]], "SmolLM2-135M-Instruct (fair): every file"))
+    print(f"\nsummary: {args.out / 'summary.json'}; chart: {chart}")
 
 
 if __name__ == "__main__":

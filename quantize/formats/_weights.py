@@ -168,8 +168,17 @@ class WeightFormatPlugin(Format):
                 "other_branch": other, "example_branch": other or default, "requirements": requirements,
                 "pip_packages": " ".join(r["package"] for r in requirements)}
 
+    def short_label(self, entry: Any) -> str:
+        params = entry.params
+        group = f" g{params['group_size']}" if params["group_size"] else ""
+        return f"{params['bits']}-bit{group}{self.short_label_more(params)}"
+
+    def short_label_more(self, params: dict[str, Any]) -> str:
+        """Format-specific parameters for the short label."""
+        return ""
+
     def weight_row(self, entry: Any, model_type: str | None) -> dict[str, Any]:
-        from ..card.context import dataset_cell, ppl_cell, size_cell
+        from ..card.context import dataset_cell, size_cell
 
         params = entry.params
         calibration = entry.calibration
@@ -177,5 +186,5 @@ class WeightFormatPlugin(Format):
             "branch": entry.branch, "url": f"{HUB}/{entry.repo_id}/tree/{entry.branch}",
             "bits": params["bits"], "group_size": group_size_label(params["group_size"]),
             "dataset": dataset_cell(calibration), "seq_len": calibration["seq_len"] if calibration else "",
-            "size": size_cell(entry), "description": entry.description, "ppl": ppl_cell(entry),
+            "size": size_cell(entry), "description": entry.description,
         }

@@ -512,6 +512,7 @@ class GGUFFormat(Format):
     library_name = None
     location_label = "File"
     case_insensitive_names = True  # llama.cpp's type names: q4_k_m is Q4_K_M
+    memory_kinds = ("RAM", "VRAM")  # on the CPU, or every layer offloaded to a GPU (-ngl 99)
 
     def expand(self, recipe: "Recipe", source: "SourceModel") -> list[Variant]:
         spec: GGUFSpec = recipe.gguf
@@ -552,8 +553,6 @@ class GGUFFormat(Format):
         return "imatrix" if variant.spec.imatrix else ""
 
     def card_row(self, entry, model_type: str | None) -> dict[str, Any]:
-        from ..card.context import ppl_cell
-
         facts = GGUF_TYPES[entry.name]
         prefix = "" if entry.produced else "~"
         size = entry.size
@@ -562,7 +561,7 @@ class GGUFFormat(Format):
             "method": entry.name, "bits": facts.bits,
             "size": prefix + format_size(size) if size else "?",
             "max_ram": prefix + format_size(size + RAM_OVERHEAD_BYTES) if size else "?",
-            "use_case": entry.description, "ppl": ppl_cell(entry), "bpw": entry.measured.get("bpw"),
+            "use_case": entry.description, "bpw": entry.measured.get("bpw"),
             "imatrix": entry.params.get("imatrix", False), "split": len(entry.files) > 1,
         }
 

@@ -97,6 +97,9 @@ class GPTQFormat(WeightFormatPlugin):
     def describe_more(self, spec: GPTQVariant) -> str:
         return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"
 
+    def short_label_more(self, params: dict[str, Any]) -> str:
+        return " act-order" if params["act_order"] else ""
+
     def card_row(self, entry, model_type: str | None) -> dict[str, Any]:
         params = entry.params
         return {**self.weight_row(entry, model_type), "act_order": yes_no(params["act_order"]),

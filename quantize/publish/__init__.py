@@ -141,7 +141,7 @@ def _check_owner(content: BranchContent, state: BranchState, identity: ReleaseId
         raise WorkFailed(f"publish: {at} now holds another release (release id {release['id']}): not published")
 
 
-def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, str],
+def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, dict[str, bytes]],
                     prompt: PromptTemplate, assets: CardAssets, target: Target,
                     log: Callable[[str], None] = print, identity: ReleaseIdentity | None = None,
                     carried: dict[str, Manifest] | None = None,
