@@ -13,8 +13,10 @@ faster than the packed kernels on a CPU. The fp16 baseline is an artifact of the
 
 from __future__ import annotations
 
+import gc
 import math
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,11 +110,50 @@ def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_
 
 
 def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,
-                    device: str = "cpu") -> torch.nn.Module:
+                    device: str = "cpu", offload_folder: Path | None = None) -> torch.nn.Module:
+    """The source model for evaluation; with `offload_folder` its decoder layers stay on disk there
+    (accelerate's disk offload: each layer is read in for its forward pass), the rest on `device`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device,
-                                                trust_remote_code=trust_remote_code).eval()
+    device_map: Any = device
+    if offload_folder is not None:
+        device_map = streamed_device_map(model_path, device, trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map,
+                                                offload_folder=offload_folder, trust_remote_code=trust_remote_code).eval()
+
+
+def streamed_device_map(model_path: Path, device: str, trust_remote_code: bool = False) -> dict[str, str]:
+    """Every decoder layer on "disk", everything else on `device`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        shell = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    layers = next(name for name, module in shell.named_modules()
+                  if isinstance(module, torch.nn.ModuleList) and len(module) == config.num_hidden_layers)
+    return _leaves(shell, {f"{layers}.{index}": "disk" for index in range(config.num_hidden_layers)}, device)
+
+
+def _leaves(shell: torch.nn.Module, layer_map: dict[str, str], device: str) -> dict[str, str]:
+    """A device map covering the whole model: the layers as given, every other top-level part on `device`."""
+    layers_prefix = next(iter(layer_map)).rpartition(".")[0]
+    found = dict(layer_map)
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full == layers_prefix:
+                continue
+            if layers_prefix.startswith(full + "."):
+                visit(full, child)
+            else:
+                found[full] = device
+        for name, _ in module.named_parameters(recurse=False):
+            found[f"{prefix}.{name}" if prefix else name] = device
+
+    visit("", shell)
+    return found
 
 
 @dataclass(frozen=True, repr=False)
@@ -123,10 +164,15 @@ class TransformersReference(Artifact):
     source_identity: str
     eval_dtype: str = str(EVAL_DTYPE).removeprefix("torch.")  # the device's evaluation dtype
     device: str = "cpu"  # where: not an input (the dtype is)
+    offload: str = "none"  # disk: the decoder layers stream from disk (not an input: the same figures)
+    peak: Any = field(default=None, compare=False)  # memory.StageMemory: its peak memory, for the plan
 
     @property
     def name(self) -> str:
         return "fp16_reference"
+
+    def memory(self):
+        return self.peak
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.source_identity, "engine": ENGINE, "window": EVAL_WINDOW,
@@ -137,10 +183,14 @@ class TransformersReference(Artifact):
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
         windows = evaluation_windows(store.value(self.tokens).evaluation)
+        offload_folder = folder / "offload" if self.offload == "disk" else None
         model = load_fp16_model(store.context.model_path, store.context.trust_remote_code,
-                                getattr(torch, self.eval_dtype), self.device)
+                                getattr(torch, self.eval_dtype), self.device, offload_folder)
         result = perplexity(model, windows)
         del model
+        gc.collect()
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
         return asdict(result)
 
     def load(self, store: ArtifactStore, folder: Path, value: Any) -> Perplexity:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..calibration import CalibrationTextArtifact, TokensArtifact, WindowsArtifact
+from .. import memory
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
 from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
@@ -114,25 +115,39 @@ class WeightFormatPlugin(Format):
         calibration = recipe.resolved_calibration()
         text = CalibrationTextArtifact(calibration)
         tokens = TokensArtifact(text, source.identity)
-        from ..evaluate import TransformersReference
+        from ..evaluate import EVAL_WINDOW, TransformersReference
 
         from ..devices import detect, source_dtype
 
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
                         strict=False)  # a release refuses a device it can't have (api.require_device)
-        reference = TransformersReference(tokens, source.identity, device.eval_dtype, device.name)
+        offload = recipe.compute.offload
+        reference = TransformersReference(
+            tokens, source.identity, device.eval_dtype, device.name, offload,
+            memory.evaluation("fp16_reference", source.facts, device.eval_dtype, EVAL_WINDOW, offload))
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):
             check_group_divides(self.name, index, spec.group_size, source.facts)
             calib = calibration.model_copy(update={"seq_len": spec.seq_len or calibration.seq_len})
             windows = WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed)
+            variant_id = f"{self.name}/{branch}"
+            size = weight_bytes(source.facts, spec.bits, spec.group_size)
+            stages = (self.quantize_memory(variant_id, index, spec, calib, source, device, offload),
+                      memory.evaluation(f"{variant_id}: verify", source.facts, device.eval_dtype, EVAL_WINDOW,
+                                        offload, size or 0))
             variants.append(Variant(
-                id=f"{self.name}/{branch}", format=self.name, repo_id=repo_id, branch=branch, name=branch,
+                id=variant_id, format=self.name, repo_id=repo_id, branch=branch, name=branch,
                 spec=spec, calibration=calib, description=spec.description or spec.default_description(),
-                estimated_bytes=weight_bytes(source.facts, spec.bits, spec.group_size),
-                subdir=self.output_subdir(branch), source_identity=source.identity,
-                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device))
+                estimated_bytes=size, subdir=self.output_subdir(branch), source_identity=source.identity,
+                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device,
+                offload=offload, memory=tuple(m for m in stages if m is not None)))
         return variants
+
+    def quantize_memory(self, variant_id: str, index: int, spec: WeightVariantSpec, calib, source: "SourceModel",
+                        device: "Device", offload: str):
+        """The peak memory of quantizing one permutation (memory.StageMemory): GPTQModel's layer loop."""
+        return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
+                                    offload)
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
                     device: "Device") -> tuple:

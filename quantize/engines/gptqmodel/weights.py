@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from .verify import check_release_folder, generate_check, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
 SAVE_SUBDIR = ".gptqmodel-save"  # inside the staging folder; removed once the release files are out
+OFFLOAD_SUBDIR = "offload"  # <out>/.work/offload/<variant id>: GPTQModel's finished layers while streaming
 TOOL_PACKAGES = ("gptqmodel", "optimum", "accelerate", "safetensors", "tokenizers")
 
 
@@ -43,11 +45,16 @@ class WeightFormat:
 
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
-    def quantize_config(self, spec: Any, device: Device | None = None):
+    def quantize_config(self, spec: Any, device: Device | None = None, offload_folder: Path | None = None):
+        """GPTQModel's settings; with `offload_folder` the layers stream from disk (its offload_to_disk:
+        a meta-device shell whose layers its lazy "turtle" source reads from the checkpoint one at a
+        time, and finished layers written to `offload_folder`)."""
         from gptqmodel import QuantizeConfig
 
         on_gpu = {"device": device.name} if device is not None and device.is_cuda else {}
-        return QuantizeConfig(**self.quantize_settings(spec), offload_to_disk=False, **on_gpu)
+        offload = ({"offload_to_disk": True, "offload_to_disk_path": str(offload_folder)} if offload_folder
+                   else {"offload_to_disk": False})
+        return QuantizeConfig(**self.quantize_settings(spec), **offload, **on_gpu)
 
     def backend_for(self, device: Device | None) -> str:
         """GPTQModel's kernels for quantizing: its own choice (GPU kernels) on a GPU."""
@@ -145,22 +152,32 @@ class GPTQModelBackend(Backend):
             batch = calibration_batch(store.value(windows))
         device = variant.device or CPU
         dtype = device.compute_dtype
-        with clock.stage("load"):
-            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec, device),
-                                     self.context.trust_remote_code, device.name)
-        hessians = needed(variant, GPTQHessians, required=False)
-        if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
-            folder = store.get(hessians).folder
-            with clock.stage("quantize"):
-                quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
-        else:
-            with clock.stage("quantize"), awq_in_float32():
-                model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
-        damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
-        with clock.stage("save"):
-            self._save(model, staging, spec)
-        del model, batch
-        gc.collect()
+        with clock.stage("baseline"):  # before the model is loaded: one model in memory at a time
+            from ...evaluate import TransformersReference
+
+            store.get(needed(variant, TransformersReference))
+        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if variant.offload == "disk" else None
+        try:
+            with clock.stage("load"):
+                model = load_unquantized(self.context.model_path, dtype,
+                                         fmt.quantize_config(spec, device, offload_folder),
+                                         self.context.trust_remote_code, device.name)
+            hessians = needed(variant, GPTQHessians, required=False)
+            if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
+                folder = store.get(hessians).folder
+                with clock.stage("quantize"):
+                    quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
+            else:
+                with clock.stage("quantize"), awq_in_float32():
+                    model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
+            damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
+            with clock.stage("save"):
+                self._save(model, staging, spec)
+            del model, batch
+            gc.collect()
+        finally:
+            if offload_folder is not None:
+                shutil.rmtree(offload_folder, ignore_errors=True)
         quality = self._verify(variant, staging, clock)
         tokens = store.value(windows.tokens)
         text = store.value(windows.tokens.text)
@@ -193,8 +210,9 @@ class GPTQModelBackend(Backend):
             reference = needed(variant, TransformersReference)
             baseline = store.value(reference)
         with clock.stage("evaluate"):
-            with eager_torch():
-                densify_quantized_linears(model, device.torch_dtype("eval"))
+            if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
+                with eager_torch():
+                    densify_quantized_linears(model, device.torch_dtype("eval"))
             result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
         del model
         gc.collect()
