@@ -34,6 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 GB = 1e9
+QUANTIZE = [sys.executable, "-c", "import sys; from quantize.cli import main; sys.exit(main())"]  # this checkout's
 
 # name -> build_tiny_llama arguments: ~0.29 GB and ~1.52 GB of fp16 weights
 MODELS = {
@@ -77,7 +78,7 @@ def write_recipe(folder: Path, model: Path, offload: str, samples: int, seq_len:
 
 def planned_peak(recipe: Path) -> tuple[str, int] | None:
     """The plan's largest memory estimate (stage, bytes)."""
-    result = subprocess.run([sys.executable, "-c", "import sys; from quantize.cli import main; sys.exit(main())", "plan", str(recipe), "--json"],
+    result = subprocess.run([*QUANTIZE, "plan", str(recipe), "--json"],
                             capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         return None
@@ -89,7 +90,7 @@ def planned_peak(recipe: Path) -> tuple[str, int] | None:
 def release(recipe: Path, out: Path) -> tuple[float, float]:
     """`quantize release` in a fresh process: (peak RSS in bytes, wall seconds)."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-c", "import sys; from quantize.cli import main; sys.exit(main())", "release", str(recipe), "--out", str(out), "--no-publish"]
+    command = [*QUANTIZE, "release", str(recipe), "--out", str(out), "--no-publish"]
     started = time.monotonic()
     with open(out.parent / f"{out.name}.log", "w") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -114,19 +115,19 @@ def main(argv: list[str] | None = None) -> int:
              for name, shape in MODELS.items()}
     peaks: dict[tuple[str, str], float] = {}
     rows = []
-    for offload in ("none", "disk"):
-        for name in MODELS:
-            model = work / "models" / f"random-llama-{name}"
-            recipe = write_recipe(work / f"{name}-{offload}", model, offload, args.samples, args.seq_len)
-            planned = planned_peak(recipe)
-            peak, seconds = release(recipe, work / f"{name}-{offload}" / "out")
-            peaks[(name, offload)] = peak
-            row = {"model": name, "model_gb": round(sizes[name] / GB, 3), "offload": offload,
-                   "peak_rss_gb": round(peak / GB, 3), "seconds": round(seconds, 1),
-                   "planned_stage": planned[0] if planned else None,
-                   "planned_gb": round(planned[1] / GB, 3) if planned else None}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    # the small streaming run first: a failure shows in minutes, not after the big model
+    for name, offload in (("small", "disk"), ("small", "none"), ("big", "none"), ("big", "disk")):
+        model = work / "models" / f"random-llama-{name}"
+        recipe = write_recipe(work / f"{name}-{offload}", model, offload, args.samples, args.seq_len)
+        planned = planned_peak(recipe)
+        peak, seconds = release(recipe, work / f"{name}-{offload}" / "out")
+        peaks[(name, offload)] = peak
+        row = {"model": name, "model_gb": round(sizes[name] / GB, 3), "offload": offload,
+               "peak_rss_gb": round(peak / GB, 3), "seconds": round(seconds, 1),
+               "planned_stage": planned[0] if planned else None,
+               "planned_gb": round(planned[1] / GB, 3) if planned else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     (work / "bench-memory.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("| Model | fp16 size | offload | peak RSS | planned (largest stage) | wall |")
     print("|---|---|---|---|---|---|")

@@ -209,10 +209,9 @@ class GPTQModelBackend(Backend):
         with clock.stage("baseline"):
             reference = needed(variant, TransformersReference)
             baseline = store.value(reference)
-        with clock.stage("evaluate"):
+        with clock.stage("evaluate"), eager_torch():
             if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
-                with eager_torch():
-                    densify_quantized_linears(model, device.torch_dtype("eval"))
+                densify_quantized_linears(model, device.torch_dtype("eval"))
             result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
         del model
         gc.collect()
