@@ -13,7 +13,6 @@ faster than the packed kernels on a CPU. The fp16 baseline is an artifact of the
 
 from __future__ import annotations
 
-import gc
 import math
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .calibration import TokensArtifact
+from .memory import give_back
 from .stages import Artifact, ArtifactStore
 
 ENGINE = "transformers"
@@ -188,7 +188,7 @@ class TransformersReference(Artifact):
                                 getattr(torch, self.eval_dtype), self.device, offload_folder)
         result = perplexity(model, windows)
         del model
-        gc.collect()
+        give_back()
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)
         return asdict(result)

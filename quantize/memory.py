@@ -194,6 +194,22 @@ def offload_scratch(facts: "ModelFacts | None") -> int:
     return s.linear_params * 4 if s else 0
 
 
+def give_back() -> None:
+    """Free what the last model left (cycles included) and hand freed heap memory back to the system.
+
+    glibc keeps freed blocks in its heap (torch's large CPU tensors come from it once its mmap
+    threshold has risen), so without `malloc_trim` a variant's freed model stays in the process's
+    RSS while the next variant loads its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 # --- what this machine has --------------------------------------------------------------------
 
 def available_memory() -> int:

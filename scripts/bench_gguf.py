@@ -36,7 +36,7 @@ from quantize.recipe import load_recipe  # noqa: E402
 from quantize.runner import run_plan  # noqa: E402
 from quantize.source import inspect_source  # noqa: E402
 
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off the Q4_1 grid (README)
 SHARED_STAGES = ("convert_shared", "imatrix_shared", "baseline_perplexity_shared")
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off the Q4_1 grid (README)
 # SmolLM2-135M has hidden size 576: group sizes 64 and 32 divide it, 128 does not.
 DEFAULT_GPTQ = ["4:64:act", "4:32:noact", "8:none:act"]
 QUICK_SWEEP = ["4:32:act", "4:32:noact", "4:64:act", "4:64:noact"]

@@ -76,6 +76,14 @@ def smollm2_folder() -> Path:
     return build_smollm2_fp16(REPO / "models" / "SmolLM2-135M-Instruct")
 
 
+@pytest.fixture(scope="session")
+def fair_smollm2_folder(smollm2_folder) -> Path:
+    """SmolLM2 with its weights off the Q4_1 grid (the demo recipe's source; ~10 s after the plain one)."""
+    from model_builders import build_fair_smollm2
+
+    return build_fair_smollm2(REPO / "models" / "SmolLM2-135M-Instruct-fair", source=smollm2_folder)
+
+
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
                "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 49152, "tie_word_embeddings": True,

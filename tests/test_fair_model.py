@@ -84,15 +84,13 @@ def test_rebuild_is_seeded(grid_model):
 
 
 @pytest.mark.slow
-def test_fair_smollm2_matches_the_plain_rebuild(smollm2_folder):
+def test_fair_smollm2_matches_the_plain_rebuild(smollm2_folder, fair_smollm2_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from model_builders import build_fair_smollm2
 
     text = SHARED_WIKITEXT / "wikitext-2-raw-v1" / "wiki.test.raw"
     if not text.is_file():
         pytest.skip(f"no wikitext at {text}")
-    folder = build_fair_smollm2(REPO / "models" / "SmolLM2-135M-Instruct-fair", source=smollm2_folder)
+    folder = fair_smollm2_folder
     assert "function-preserving" in (folder / "README.md").read_text()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(text.read_text(encoding="utf-8")[-20_000:], return_tensors="pt").input_ids[:, -1024:]

@@ -100,6 +100,26 @@ def test_dense_linear_reproduces_the_layer():
     assert torch.allclose(dense(x), layer(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("sym, group_size", [(False, 64), (True, 32), (False, -1)])
+def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_size):
+    import types
+
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    from quantize.engines.gptqmodel.setup import awq_best_clip
+
+    processor = types.SimpleNamespace(qcfg=types.SimpleNamespace(group_size=group_size, sym=sym, bits=4))
+    processor._pseudo_quantize_tensor_into = types.MethodType(AWQProcessor._pseudo_quantize_tensor_into, processor)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=generator) * 0.05
+    weight[:, :8] *= 20  # outliers, so that clipping them pays off in some groups
+    features = torch.randn(700, 256, generator=generator)
+    theirs = AWQProcessor._compute_best_clip(processor, weight, features)
+    ours = awq_best_clip(processor, weight, features)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs)
+    assert (ours < weight.abs().reshape(ours.shape[0], ours.shape[1], -1).amax(-1, keepdim=True)).any()  # some clipped
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     class Uniform(torch.nn.Module):
         def forward(self, input_ids):

@@ -154,7 +154,7 @@ def test_hub_source_offline_plans_without_sizes(tmp_path, write_recipe, capsys):
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_plans(recipe, smollm2_folder, capsys):
+def test_every_shipped_recipe_plans(recipe, fair_smollm2_folder, capsys):
     code, out, err = run_cli(capsys, "plan", recipe)
     assert code == 0, err
     assert "variant(s)" in out

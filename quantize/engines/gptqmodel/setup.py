@@ -109,9 +109,43 @@ def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_
     return best[1].detach().cpu(), best[0]
 
 
+def awq_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):
+    """AWQ's clipping search (GPTQModel 7.6's `_compute_best_clip`: the same tokens, grid and error),
+    with each group's share of the layer's output computed as one batched matrix product.
+
+    GPTQModel forms the elementwise product of every sampled token with every weight
+    ([rows, tokens, groups, group size], 450M floats per grid point for a 576 x 1536 layer) and
+    sums it; on a CPU that was most of AWQ's time. Returns the best clipping bound per row and
+    group, [rows, groups, 1], as `apply_clip` takes it.
+    """
+    import torch
+
+    rows, columns = w.shape
+    group_size = processor.qcfg.group_size if processor.qcfg.group_size > 0 else columns
+    groups = columns // group_size
+    x = input_feat.reshape(-1, columns)
+    x = x[:: max(1, x.shape[0] // n_sample_token)].to(w.device, w.dtype)
+    x = x.reshape(-1, groups, group_size).permute(1, 0, 2).contiguous()  # [groups, tokens, group size]
+    w = w.reshape(rows, groups, group_size)
+    reference = torch.bmm(x, w.permute(1, 2, 0))  # [groups, tokens, rows]
+    original_max = w.abs().amax(dim=-1, keepdim=True)  # [rows, groups, 1]
+    best_max, least_error = original_max.clone(), torch.full_like(original_max, 1e9)
+    clamped, quantized = torch.empty_like(w), torch.empty_like(w)
+    for step in range(int(max_shrink * n_grid)):
+        max_val = original_max * (1 - step / n_grid)
+        torch.clamp(w, -max_val, max_val, out=clamped)
+        processor._pseudo_quantize_tensor_into(clamped, quantized)
+        error = (torch.bmm(x, quantized.permute(1, 2, 0)) - reference).pow(2).mean(dim=1).t().unsqueeze(-1)
+        better = error < least_error
+        least_error[better] = error[better]
+        best_max[better] = max_val[better]
+    return best_max
+
+
 @contextmanager
-def awq_in_float32() -> Iterator[None]:
-    """Let GPTQModel 7.6's AWQ run in float32 (pinned version; the AWQ tests check the result).
+def awq_fixes() -> Iterator[None]:
+    """Let GPTQModel 7.6's AWQ run in float32, and fast on a CPU (pinned version; the AWQ tests
+    check the result).
 
     1. Its scale search stashes each weight with `.to(float32).cpu().contiguous()` to restore it
        after every grid point; for a weight that already is a contiguous float32 CPU tensor that is
@@ -120,19 +154,21 @@ def awq_in_float32() -> Iterator[None]:
     2. It builds the packed layer with the model's dtype as its compute dtype, which its torch AWQ
        kernel accepts only as fp16/bf16. The packed weights, scales (fp16) and zeros don't depend on
        it, so the packed layer is made with fp16 as its compute dtype.
+    3. Its clipping search is run by `awq_best_clip`: the same search, 10-20x faster.
     """
     import torch
     from gptqmodel.looper import awq_processor
 
-    search, create = awq_processor.AWQProcessor._compute_best_scale, awq_processor.create_quant_module
+    processor = awq_processor.AWQProcessor
+    search, clip, create = processor._compute_best_scale, processor._compute_best_clip, awq_processor.create_quant_module
 
     def create_quant_module(*args, dtype=None, **kwargs):
         return create(*args, dtype=torch.float16 if dtype == torch.float32 else dtype, **kwargs)
 
-    awq_processor.AWQProcessor._compute_best_scale = awq_best_scale
+    processor._compute_best_scale, processor._compute_best_clip = awq_best_scale, awq_best_clip
     awq_processor.create_quant_module = create_quant_module
     try:
         yield
     finally:
-        awq_processor.AWQProcessor._compute_best_scale = search
+        processor._compute_best_scale, processor._compute_best_clip = search, clip
         awq_processor.create_quant_module = create

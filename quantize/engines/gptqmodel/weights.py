@@ -8,7 +8,6 @@ need (calibration windows, the fp16 reference) comes from the release's artifact
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -21,10 +20,11 @@ from ...devices import Device
 from ...errors import BadInput, WorkFailed
 from ...formats.base import Backend, Produced, Variant
 from ...manifest import package_versions
+from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import awq_in_float32, eager_torch, import_gptqmodel, load_unquantized, supported_model_types
+from .setup import awq_fixes, eager_torch, import_gptqmodel, load_unquantized, supported_model_types
 from .verify import check_release_folder, generate_check, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
@@ -168,13 +168,13 @@ class GPTQModelBackend(Backend):
                 with clock.stage("quantize"):
                     quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
             else:
-                with clock.stage("quantize"), awq_in_float32():
+                with clock.stage("quantize"), awq_fixes():
                     model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
             damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
             with clock.stage("save"):
                 self._save(model, staging, spec)
             del model, batch
-            gc.collect()
+            give_back()
         finally:
             if offload_folder is not None:
                 shutil.rmtree(offload_folder, ignore_errors=True)
@@ -214,7 +214,7 @@ class GPTQModelBackend(Backend):
                 densify_quantized_linears(model, device.torch_dtype("eval"))
             result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
         del model
-        gc.collect()
+        give_back()
         if not result.perplexity < float("inf"):
             raise WorkFailed(f"the quantized model's perplexity is not finite ({result.perplexity})")
         text = store.value(reference.tokens.text)
