@@ -185,7 +185,7 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
             log(f"{variant_id}: not made in this output folder: kept as published")
         cards = render_cards(full, out_dir, manifests={**carried, **local})
         result = ReleaseResult(chosen, out_dir, outcomes, cards)
-        result.published = publish_release(full, out_dir, local, {card.repo_id: card.text for card in cards},
+        result.published = publish_release(full, out_dir, local, {card.repo_id: card.files() for card in cards},
                                            prompt_template(full.recipe), card_assets(full.recipe), target, log,
                                            identity=identity, carried=carried, states=states)
     return result

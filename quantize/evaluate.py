@@ -1,83 +1,225 @@
-"""Perplexity with transformers on the held-out evaluation text.
+"""One evaluation for every file of every format: the same tokens, the same scored positions, the
+same fp16 reference.
 
-One engine for the fp16 baseline and every GPTQ/AWQ variant, so their figures compare: the
-held-out text is cut into consecutive windows of EVAL_WINDOW tokens (at most MAX_EVAL_WINDOWS),
-and the model predicts every token of each window after the first, on the release's device in
-its evaluation dtype (quantize/devices.py): on a CPU in bfloat16 where it computes it natively,
-else in float32 (on AVX2-only CPUs bfloat16 and float16 matrix products are about 90 times
-slower than float32); on a GPU in float16 or bfloat16. Quantized layers are first turned into
-plain Linear layers holding exactly the weights their kernel computes with: the same loss, far
-faster than the packed kernels on a CPU. The fp16 baseline is an artifact of the release
-(`TransformersReference`), computed once and cached in its work folder.
+The release's fp16 reference (`FP16Reference`, artifact `fp16_reference`) is computed once with
+transformers on the source model, on the release's device in its evaluation dtype
+(quantize/devices.py): the held-out text's tokens (the source's tokenizer) cut into consecutive
+windows of EVAL_WINDOW tokens (`quality.windows` of them at most), each window's first token
+replaced by BOS when the tokenizer adds one, and the second half of each window scored, the
+first half being context. That is exactly what llama.cpp's `llama-perplexity` does, and the
+reference is written in llama.cpp's own `--kl-divergence-base` file format (the tokens, then
+per scored position the reference log-probabilities of the whole vocabulary, stored as uint16),
+so that:
+
+- GGUF files are scored by llama.cpp itself (`llama-perplexity --kl-divergence`, which reads the
+  tokens from that file), and
+- GPTQ/AWQ folders by transformers (quantized layers turned into the dense weights their kernels
+  compute with), against the same file read here (`read_reference`, `score_windows`),
+
+each giving perplexity, mean and 99th-percentile KL divergence to the fp16 model, and top-1
+agreement (the share of scored positions where both predict the same token), under the
+manifest keys of `quality_record`.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .calibration import TokensArtifact
+from .devices import cpu_has_native_bf16
+from .errors import BadInput
 from .memory import give_back
+from .quality import Quality
+from .schema import QualityOptions
 from .stages import Artifact, ArtifactStore
 
+if TYPE_CHECKING:
+    from .recipe import Recipe
+    from .source import SourceModel
+
 ENGINE = "transformers"
-EVAL_WINDOW = 512  # tokens per window
-MAX_EVAL_WINDOWS = 40  # at most 20,480 tokens: a few seconds per variant for a small model
-
-
-from .devices import cpu_has_native_bf16
+EVAL_WINDOW = 512  # tokens per window: llama-perplexity's default context
+DEFAULT_WINDOWS = QualityOptions().windows  # 20: 5,100 scored tokens; ~0.5 GB of reference log-probs for a 49k vocabulary
+REFERENCE_FILE = "reference.kld"  # llama.cpp's --kl-divergence-base format
+MAGIC = b"_logits_"
+HEADER_BYTES = len(MAGIC) + 3 * 4  # magic, then n_ctx, n_vocab, n_chunk as int32
+KLD_FLOOR = -16.0  # llama.cpp leaves reference log-probs at or below this out of the KL sum
 
 EVAL_DTYPE = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # on the CPU (devices.resolve)
 
 
-@dataclass(frozen=True)
-class Perplexity:
-    perplexity: float
-    eval_tokens: int  # tokens predicted (each window's first token has no context and is not scored)
-    windows: int
-    window: int
+def first_scored(window: int) -> int:
+    """llama.cpp scores the second half of each window: logits from position window/2 on."""
+    return window // 2
 
-    def as_quality(self, baseline: "Perplexity | None" = None, text: str | None = None,
-                   dtype: torch.dtype = EVAL_DTYPE) -> dict[str, Any]:
-        quality: dict[str, Any] = {"perplexity": round(self.perplexity, 4)}
-        if baseline is not None:
-            quality["baseline_perplexity"] = round(baseline.perplexity, 4)
-        quality.update({"engine": ENGINE, "eval_tokens": self.eval_tokens, "eval_windows": self.windows,
-                        "eval_window": self.window, "eval_dtype": str(dtype).removeprefix("torch.")})
-        if text:
-            quality["eval_text"] = text
-        return quality
+
+def scored_per_window(window: int) -> int:
+    """Tokens scored per window: positions window/2 + 1 .. window - 1."""
+    return window - 1 - first_scored(window)
+
+
+def row_width(n_vocab: int) -> int:
+    """uint16 values per scored position in the file: two float32 (scale, minimum) and the vocabulary, padded to even."""
+    return 2 * ((n_vocab + 1) // 2) + 4
+
+
+def reference_bytes(windows: int, n_vocab: int, window: int = EVAL_WINDOW) -> int:
+    return HEADER_BYTES + 4 * window * windows + 2 * windows * scored_per_window(window) * row_width(n_vocab)
 
 
 def evaluation_windows(token_ids: Sequence[int], window: int = EVAL_WINDOW,
-                       max_windows: int = MAX_EVAL_WINDOWS) -> list[list[int]]:
-    """Consecutive, non-overlapping windows from the start of the text; a short text gives one shorter window."""
-    if len(token_ids) < 2:
-        return []
-    if len(token_ids) < window:
-        return [list(token_ids)]
+                       max_windows: int = DEFAULT_WINDOWS) -> list[list[int]]:
+    """Consecutive, non-overlapping full windows from the start of the held-out text."""
     count = min(len(token_ids) // window, max_windows)
     return [list(token_ids[i * window:(i + 1) * window]) for i in range(count)]
 
 
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, windows: list[list[int]]) -> Perplexity:
-    """exp(mean negative log-likelihood) of every token after the first of each window."""
-    total_nll, total_tokens = 0.0, 0
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for ids in windows:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        logits = model(input_ids=input_ids).logits[0, :-1].float()
-        total_nll += torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum").item()
-        total_tokens += len(ids) - 1
-    value = math.exp(total_nll / total_tokens) if total_tokens else math.nan
-    return Perplexity(value, total_tokens, len(windows), max((len(w) for w in windows), default=0))
+def adds_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text (llama.cpp does the same in each window), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
+
+# --- the reference file (llama.cpp's --kl-divergence-base format) --------------------------------
+
+def encode_log_probs(logits: torch.Tensor) -> np.ndarray:
+    """llama.cpp's log_softmax for the base file: per row (scale, min log-prob) as float32, then each
+    logit's offset from max(min logit, max logit - 16) in units of scale, rounded to uint16."""
+    logits = logits.float()
+    n_rows, n_vocab = logits.shape
+    top = logits.max(dim=-1).values
+    bottom = torch.maximum(logits.min(dim=-1).values, top - 16)
+    log_sum_exp = torch.logsumexp(logits - top[:, None], dim=-1)
+    min_log_prob = bottom - top - log_sum_exp
+    scale = (top - bottom) / 65535
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    steps = torch.round(inverse[:, None] * (logits - bottom[:, None])).clamp_(0, 65535)
+    steps = torch.where(logits > bottom[:, None], steps, torch.zeros_like(steps))
+    rows = np.zeros((n_rows, row_width(n_vocab)), dtype=np.uint16)
+    rows[:, :4] = torch.stack([scale, min_log_prob], dim=-1).numpy().astype(np.float32).view(np.uint16)
+    rows[:, 4:4 + n_vocab] = steps.to(torch.int32).numpy().astype(np.uint16)
+    return rows
+
+
+@dataclass(frozen=True)
+class ReferenceFile:
+    """A --kl-divergence-base file, memory-mapped: its windows' tokens and each window's scored rows."""
+
+    path: Path
+    window: int
+    n_vocab: int
+    windows: int
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.int32, mode="r", offset=HEADER_BYTES,
+                         shape=(self.windows, self.window))
+
+    def rows(self, index: int) -> torch.Tensor:
+        """Window `index`'s reference log-probs, decoded: (scored positions × vocabulary), float32."""
+        per_window, width = scored_per_window(self.window), row_width(self.n_vocab)
+        offset = HEADER_BYTES + 4 * self.window * self.windows + 2 * index * per_window * width
+        raw = np.memmap(self.path, dtype=np.uint16, mode="r", offset=offset, shape=(per_window, width))
+        header = np.ascontiguousarray(raw[:, :4]).view(np.float32)  # (rows, 2): scale, min log-prob
+        steps = torch.from_numpy(raw[:, 4:4 + self.n_vocab].astype(np.int32)).float()
+        scale, minimum = torch.from_numpy(header[:, 0].copy()), torch.from_numpy(header[:, 1].copy())
+        return scale[:, None] * steps + minimum[:, None]
+
+
+def reference_rows(model: torch.nn.Module, windows: list[list[int]], bos: int | None,
+                   nll: list[float]) -> Iterator[np.ndarray]:
+    """Each window's encoded reference rows, one window at a time; appends each window's NLL to `nll`."""
+    for ids in windows:
+        logits = window_logits(model, with_bos(ids, bos))
+        nll.append(target_nll(torch.log_softmax(logits, dim=-1), ids))
+        yield encode_log_probs(logits)
+
+
+def write_reference(path: Path, window: int, n_vocab: int, windows: list[list[int]],
+                    rows: Iterator[np.ndarray]) -> None:
+    """The header and tokens, then each window's encoded rows as `rows` yields them (one window at a time)."""
+    with open(path, "wb") as out:
+        out.write(MAGIC)
+        out.write(np.array([window, n_vocab, len(windows)], dtype=np.int32).tobytes())
+        out.write(np.array(windows, dtype=np.int32).tobytes())
+        for block in rows:
+            out.write(np.ascontiguousarray(block, dtype=np.uint16).tobytes())
+
+
+def read_reference(path: Path) -> ReferenceFile:
+    with open(path, "rb") as source:
+        head = source.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or head[:len(MAGIC)] != MAGIC:
+        raise ValueError(f"{path}: not a llama.cpp log-probabilities file")
+    window, n_vocab, windows = (int(v) for v in np.frombuffer(head[len(MAGIC):], dtype=np.int32))
+    expected = reference_bytes(windows, n_vocab, window)
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {expected}")
+    return ReferenceFile(path, window, n_vocab, windows)
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+def percentile(values: torch.Tensor, fraction: float) -> float:
+    """llama.cpp's percentile: linear interpolation between the sorted values around fraction × (n - 1)."""
+    ordered = values.sort().values
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float((1 - (position - low)) * ordered[low] + (position - low) * ordered[high])
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    """A window as llama.cpp feeds it: its first token replaced by BOS when the vocabulary adds one."""
+    return [bos, *ids[1:]] if bos is not None else list(ids)
+
+
+def target_nll(log_probs: torch.Tensor, ids: Sequence[int]) -> float:
+    """The negative log-likelihood of a window's scored tokens."""
+    targets = torch.tensor(list(ids[first_scored(len(ids)) + 1:]), dtype=torch.long)
+    return -float(log_probs.gather(1, targets[:, None]).sum())
+
+
+@torch.inference_mode()
+def window_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The logits that predict a window's scored tokens, in float32."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    first = first_scored(len(ids))
+    logits = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device)).logits[0]
+    return logits[first:len(ids) - 1].float().cpu()
+
+
+@torch.inference_mode()
+def score_windows(model: torch.nn.Module, reference: ReferenceFile, bos: int | None,
+                  baseline_perplexity: float) -> Quality:
+    """The model on the reference's windows, against its log-probs, as llama.cpp's kl_divergence computes it."""
+    nll, klds, same = 0.0, [], 0
+    for index in range(reference.windows):
+        ids = reference.tokens[index].tolist()
+        logits = window_logits(model, with_bos(ids, bos))
+        log_q = torch.log_softmax(logits, dim=-1)
+        log_p = reference.rows(index)
+        nll += target_nll(log_q, ids)
+        terms = torch.where(log_p > KLD_FLOOR, log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
+        klds.append(terms.sum(dim=-1))
+        same += int((logits.argmax(dim=-1) == log_p.argmax(dim=-1)).sum())
+    values = torch.cat(klds)
+    count = len(values)
+    return Quality(math.exp(nll / count), baseline_perplexity, float(values.mean()), percentile(values, 0.99),
+                   same / count, count, reference.windows, reference.window)
+
+
+# --- quantized layers as dense ones (GPTQ/AWQ evaluation) ---------------------------------------
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
     return hasattr(module, "qweight") and hasattr(module, "in_features") and hasattr(module, "out_features")
@@ -156,14 +298,33 @@ def _leaves(shell: torch.nn.Module, layer_map: dict[str, str], device: str) -> d
     return found
 
 
+# --- the artifact ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reference:
+    """The cached reference: its file and the fp16 model's own figures on the scored tokens."""
+
+    file: ReferenceFile
+    perplexity: float
+    bos: int | None
+    eval_dtype: str
+
+    @property
+    def eval_tokens(self) -> int:
+        return self.file.windows * scored_per_window(self.file.window)
+
+
 @dataclass(frozen=True, repr=False)
-class TransformersReference(Artifact):
-    """The fp16 model's perplexity on the held-out windows: what every GPTQ/AWQ variant is compared with."""
+class FP16Reference(Artifact):
+    """The fp16 model's log-probs on the held-out windows, in llama.cpp's --kl-divergence-base format:
+    what every variant of every format is scored against."""
 
     tokens: TokensArtifact
     source_identity: str
+    windows: int = DEFAULT_WINDOWS
     eval_dtype: str = str(EVAL_DTYPE).removeprefix("torch.")  # the device's evaluation dtype
     device: str = "cpu"  # where: not an input (the dtype is)
+    n_vocab: int = 0  # for the plan's size estimate only
     offload: str = "none"  # disk: the decoder layers stream from disk (not an input: the same figures)
     peak: Any = field(default=None, compare=False)  # memory.StageMemory: its peak memory, for the plan
 
@@ -175,23 +336,59 @@ class TransformersReference(Artifact):
         return self.peak
 
     def inputs(self) -> dict[str, Any]:
-        return {"model": self.source_identity, "engine": ENGINE, "window": EVAL_WINDOW,
-                "max_windows": MAX_EVAL_WINDOWS, "dtype": f"torch.{self.eval_dtype}"}
+        return {"model": self.source_identity, "engine": ENGINE, "window": EVAL_WINDOW, "max_windows": self.windows,
+                "scored": "second half of each window, BOS first when the tokenizer adds it",
+                "format": "llama.cpp kl-divergence-base", "dtype": f"torch.{self.eval_dtype}"}
 
     def needs(self) -> tuple[Artifact, ...]:
         return (self.tokens,)
 
+    def estimated_bytes(self) -> int:
+        return reference_bytes(self.windows, self.n_vocab) if self.n_vocab else 0
+
+    def check(self, store: ArtifactStore) -> None:
+        """BadInput unless the held-out text holds at least one full window (before any work)."""
+        count = len(store.value(self.tokens).evaluation)
+        if count < EVAL_WINDOW:
+            raise BadInput(f"calibration: the held-out evaluation text is {count} tokens long; the evaluation needs "
+                           f"at least {EVAL_WINDOW} (one window): raise calibration.held_out")
+
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
-        windows = evaluation_windows(store.value(self.tokens).evaluation)
+        windows = evaluation_windows(store.value(self.tokens).evaluation, max_windows=self.windows)
+        bos = adds_bos(store.context.tokenizer)
         offload_folder = folder / "offload" if self.offload == "disk" else None
         model = load_fp16_model(store.context.model_path, store.context.trust_remote_code,
                                 getattr(torch, self.eval_dtype), self.device, offload_folder)
-        result = perplexity(model, windows)
+        n_vocab = int(model.get_output_embeddings().weight.shape[0])
+        nll: list[float] = []
+        write_reference(folder / REFERENCE_FILE, EVAL_WINDOW, n_vocab, windows, reference_rows(model, windows, bos, nll))
         del model
         give_back()
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)
-        return asdict(result)
+        scored = len(windows) * scored_per_window(EVAL_WINDOW)
+        return {"perplexity": math.exp(sum(nll) / scored), "eval_tokens": scored, "windows": len(windows),
+                "window": EVAL_WINDOW, "n_vocab": n_vocab, "bos": bos}
 
-    def load(self, store: ArtifactStore, folder: Path, value: Any) -> Perplexity:
-        return Perplexity(**value)
+    def load(self, store: ArtifactStore, folder: Path, value: Any) -> Reference:
+        return Reference(read_reference(folder / REFERENCE_FILE), value["perplexity"], value["bos"], self.eval_dtype)
+
+
+def fp16_reference(recipe: "Recipe", source: "SourceModel") -> FP16Reference:
+    """The release's one reference (the same artifact for every format that asks for it)."""
+    from . import memory
+    from .calibration import CalibrationTextArtifact
+    from .devices import detect, source_dtype
+
+    config = source.facts.config if source.facts else None
+    device = detect(recipe.compute.device, source_dtype(config), strict=False)  # api.require_device refuses later
+    tokens = TokensArtifact(CalibrationTextArtifact(recipe.resolved_calibration()), source.identity)
+    n_vocab = int((config or {}).get("vocab_size") or (config or {}).get("text_config", {}).get("vocab_size") or 0)
+    offload = recipe.compute.offload
+    return FP16Reference(tokens, source.identity, recipe.quality.windows, device.eval_dtype, device.name, n_vocab,
+                         offload, memory.evaluation("fp16_reference", source.facts, device.eval_dtype, EVAL_WINDOW,
+                                                    offload))
+
+
+__all__ = ["FP16Reference", "Quality", "Reference", "ReferenceFile", "dense_linear", "densify_quantized_linears",
+           "evaluation_windows", "fp16_reference", "read_reference", "score_windows"]

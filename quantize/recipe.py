@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from .errors import BadInput, read_user_text
 from .formats import all_formats
-from .schema import HUB_ID, Calibration, CardOptions, Compute, Publish, Release, Source, Strict
+from .schema import HUB_ID, Calibration, CardOptions, Compute, Publish, QualityOptions, Release, Source, Strict
 
 __all__ = ["Recipe", "HUB_ID", "StrictLoader", "load_recipe", "parse_recipe", "with_compute", "with_device", "with_model_path", "yaml_problem"]
 
@@ -56,6 +56,7 @@ class RecipeBase(Strict):
     publish: Publish = Field(default_factory=Publish)
     card: CardOptions = Field(default_factory=CardOptions)
     compute: Compute = Field(default_factory=Compute)
+    quality: QualityOptions = Field(default_factory=QualityOptions)
     base_dir: Path = Field(Path("."), exclude=True)  # the recipe's folder; relative paths start here
 
     @model_validator(mode="after")

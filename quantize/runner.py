@@ -27,6 +27,7 @@ from .killpoints import kill_point
 from .manifest import (Manifest, file_entries, mismatches, package_versions, read_manifest, refresh_times,
                        write_manifest)
 from .plan import Plan, Variant
+from .quality import gate_problem
 
 STAGING_DIR = ".staging"
 LOCK_FILE = ".lock"
@@ -179,7 +180,8 @@ def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
     outcomes = []
     try:
         for variant in plan.variants:
-            outcome = _run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir, log, output)
+            outcome = quality_gate(_run_variant(variant, finished[variant.id], backends.get(variant.format), out_dir,
+                                                log, output), plan.recipe.quality.max_kld)
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
@@ -188,6 +190,16 @@ def run_plan(plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
             for backend in backends.values():
                 backend.close()
     return outcomes
+
+
+def quality_gate(outcome: Outcome, max_kld: float) -> Outcome:
+    """A made (or finished) variant whose KL divergence is above the recipe's gate fails, its files and
+    manifest kept: a rerun with a higher `quality.max_kld` publishes it without making it again."""
+    problem = gate_problem(outcome.manifest.quality, max_kld) if outcome.manifest else None
+    if problem is None:
+        return outcome
+    return Outcome(outcome.variant, "failed", error=f"{problem} (files kept; not published)",
+                   seconds=outcome.seconds, log=outcome.log)
 
 
 class NoCapture:

@@ -274,6 +274,13 @@ class CardOptions(Strict):
     templates: Path | None = None  # a folder of templates overriding the built-in ones
 
 
+class QualityOptions(Strict):
+    """How every variant is evaluated against the fp16 reference (quantize/evaluate.py), and the gate it must pass."""
+
+    max_kld: float = Field(1.0, gt=0)  # nats: a variant whose mean KL divergence is above it is not published
+    windows: int = Field(20, ge=1, le=10_000)  # 512-token windows of the held-out text scored (at most)
+
+
 class Compute(Strict):
     """Where GPTQ/AWQ quantize, verify and evaluate (see quantize/devices.py); `--device` overrides it."""
 

@@ -37,7 +37,7 @@ from quantize.runner import run_plan  # noqa: E402
 from quantize.source import inspect_source  # noqa: E402
 
 MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off the Q4_1 grid (README)
-SHARED_STAGES = ("convert_shared", "imatrix_shared", "baseline_perplexity_shared")
+SHARED_STAGES = ("gguf_convert_shared", "gguf_imatrix_shared", "fp16_reference_shared", "gguf_reference_shared")
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,16 +90,19 @@ def fallback_count(manifest) -> str:
 
 
 def print_ladder(plain: list, matrixed: list) -> None:
-    baseline = plain[0].quality["baseline_perplexity"]
-    print(f"\nF16 baseline perplexity: {baseline:.4f} (llama.cpp, {plain[0].quality['eval_text']})\n")
-    print(f"{'type':8} {'size MB':>8} {'bpw':>6} {'ppl':>9} {'Δ f16':>7} {'ppl imat':>9} {'Δ f16':>7} "
-          f"{'fallback':>8} {'quant s':>8} {'q+imat s':>8} {'ppl s':>6}")
+    quality = plain[0].quality
+    print(f"\nfp16 reference perplexity: {quality['baseline_perplexity']:.4f} (transformers), F16 "
+          f"{quality['engine_baseline_perplexity']:.4f} (llama.cpp), on {quality['eval_tokens']} tokens of "
+          f"{quality['eval_text']}\n")
+    print(f"{'type':8} {'size MB':>8} {'bpw':>6} {'ppl':>9} {'KLD':>8} {'top-1':>6} {'ppl imat':>9} {'KLD imat':>8} "
+          f"{'top-1':>6} {'fallback':>8} {'quant s':>8} {'q+imat s':>8} {'eval s':>6}")
     for without, with_imatrix in zip(plain, matrixed):
-        ppl, ppl_i = without.quality["perplexity"], with_imatrix.quality["perplexity"]
+        q, qi = without.quality, with_imatrix.quality
         print(f"{without.params['type']:8} {without.total_size / 1e6:>8.1f} {without.params['bpw']:>6.2f} "
-              f"{ppl:>9.4f} {100 * (ppl / baseline - 1):>+6.1f}% {ppl_i:>9.4f} {100 * (ppl_i / baseline - 1):>+6.1f}% "
+              f"{q['perplexity']:>9.4f} {q['kld_mean']:>8.4f} {q['top1_agreement']:>6.3f} "
+              f"{qi['perplexity']:>9.4f} {qi['kld_mean']:>8.4f} {qi['top1_agreement']:>6.3f} "
               f"{fallback_count(without):>8} {without.timings['quantize']:>8.1f} "
-              f"{with_imatrix.timings['quantize']:>8.1f} {without.timings['perplexity']:>6.1f}")
+              f"{with_imatrix.timings['quantize']:>8.1f} {without.timings['evaluate']:>6.1f}")
     print("\nfallback: tensors llama-quantize stored in another type because their rows are not a multiple "
           "of the type's block (256 for k-quants); details in each manifest's notes.")
 
@@ -107,14 +110,14 @@ def print_ladder(plain: list, matrixed: list) -> None:
 def print_costs(label: str, manifests: list, wall: float) -> None:
     shared = {stage: manifests[0].timings.get(stage) for stage in SHARED_STAGES if stage in manifests[0].timings}
     quantize = sum(m.timings["quantize"] for m in manifests)
-    perplexity = sum(m.timings["perplexity"] for m in manifests)
-    convert = shared["convert_shared"]
-    imatrix = shared.get("imatrix_shared", 0.0)
+    perplexity = sum(m.timings["evaluate"] for m in manifests)
+    convert = shared["gguf_convert_shared"]
+    imatrix = shared.get("gguf_imatrix_shared", 0.0)
     naive = convert * len(manifests) + imatrix + quantize
     ours = convert + imatrix + quantize
     print(f"\n{label}: wall {wall:.0f} s for {len(manifests)} types; shared stages "
           + ", ".join(f"{k.removesuffix('_shared')} {v:.1f} s" for k, v in shared.items())
-          + f"; quantize {quantize:.1f} s (sum over types, run in parallel); perplexity {perplexity:.1f} s")
+          + f"; quantize {quantize:.1f} s (sum over types, run in parallel); evaluation {perplexity:.1f} s")
     print(f"  making the files: one conversion {ours:.1f} s vs naive one-conversion-per-type {naive:.1f} s "
           f"({naive / ours:.1f}x)")
 

@@ -62,9 +62,15 @@ def render_reference(original: OriginalCard | None = None) -> str:
     return render_card(plan_card_inputs(plan, manifests, original, prompt_template(plan.recipe)), "gptq")
 
 
+def provided_files(text: str, title: str = "GPTQ") -> list[str]:
+    """The rows of a card's provided-files table."""
+    section = text.split(f"<!-- README_{title}.md-provided-files start -->")[1].split("-provided-files end -->")[0]
+    return [line for line in section.splitlines() if line.startswith("| [")]
+
+
 def test_reference_release_table_matches_cell_for_cell():
     text = render_reference()
-    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    rows = provided_files(text)
     assert rows == REFERENCE_ROWS
     header = [line for line in text.splitlines() if line.startswith("| Branch")]
     assert header == ["| Branch | Bits | GS | Act Order | Damp % | GPTQ Dataset | Seq Len | Size | ExLlama | Desc |"]
@@ -158,15 +164,21 @@ def test_quantize_card_renders_every_produced_repo(tmp_path, capsys):
         assert front["license"] == "mit" and front["datasets"] == ["my-org/my-data"]
         assert front["base_model"] == "test-lab/tiny-llama"
         assert text.endswith(TRICKY_BODY + "<!-- original-model-card end -->\n")
-    gptq_rows = [line for line in cards["Tiny-Llama-GPTQ"].splitlines() if line.startswith("| [")]
+    gptq_rows = provided_files(cards["Tiny-Llama-GPTQ"])
     assert len(gptq_rows) == 1 and gptq_rows[0].startswith("| [main]")
     gguf = cards["Tiny-Llama-GGUF"]
     assert ("| [Tiny-Llama.Q4_K_M.gguf](https://huggingface.co/tester/Tiny-Llama-GGUF/blob/main/Tiny-Llama.Q4_K_M.gguf)"
-            " | Q4_K_M | 4 | 3.21 MB | 2.50 GB | 12.3456 |") in gguf
-    assert "| Name | Quant method | Bits | Size | Max RAM required | PPL | Use case |" in gguf
+            " | Q4_K_M | 4 | 3.21 MB | 2.50 GB | 12.35 | — | — | — |") in gguf  # an old manifest: no KLD
+    assert "| Name | Quant method | Bits | Size | Max RAM required | PPL | KLD | KLD p99 | Top-1 | Use case |" in gguf
     assert "llama-cli -hf tester/Tiny-Llama-GGUF:Q4_K_M" in gguf and "GGML_TYPE_Q4_K" in gguf
-    assert "**11.5000**" in gguf and "last 10% of wikitext-2-raw-v1 test" in gguf
-    assert "| Branch | Bits | GS | AWQ Dataset | Seq Len | Size |" in cards["Tiny-Llama-AWQ"]
+    assert "**11.50**" in gguf and "last 10% of wikitext-2-raw-v1 test" in gguf
+    # every card of the release shows the same quality columns and the same note, measured or not
+    assert "| Branch | Bits | GS | AWQ Dataset | Seq Len | Size | PPL | KLD | KLD p99 | Top-1 | Desc |" in cards["Tiny-Llama-AWQ"]
+    assert provided_files(cards["Tiny-Llama-AWQ"], "AWQ")[0].endswith("| 3.21 MB | — | — | — | — | 4-bit AWQ, group size 128g. |")
+    for text in cards.values():
+        assert "**11.50**" in text and "## Which file should I choose?" in text
+        assert "No file of this release has a measured KL divergence yet" in text and "size-vs-kld.png" not in text
+    assert not list((out / "cards").glob("*/size-vs-kld.png"))
 
 
 def test_planned_preview_and_nothing_produced(tmp_path, capsys):

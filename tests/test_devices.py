@@ -12,7 +12,7 @@ from quantize import devices
 from quantize.cli import main
 from quantize.devices import Device, resolve
 from quantize.errors import BadInput
-from quantize.evaluate import EVAL_DTYPE, TransformersReference
+from quantize.evaluate import EVAL_DTYPE, FP16Reference
 from quantize.formats.base import artifact_tree
 from quantize.stages import content_key
 from quantize.engines.gptqmodel.hessians import GPTQHessians
@@ -179,7 +179,7 @@ def test_cpu_float32_keeps_the_keys_of_a_plan_without_a_device(tiny_model, write
         calibration = {k: v for k, v in variant.calibration_summary.items() if k != "path"}
         assert variant.digest == content_key(variant.format, variant.params, calibration, variant.source_identity,
                                              [artifact_tree(a) for a in variant.needs])  # the formula of before
-    reference = next(a for a in plan.artifacts.values() if isinstance(a, TransformersReference))
+    reference = next(a for a in plan.artifacts.values() if isinstance(a, FP16Reference))
     hessians = next(a for a in plan.artifacts.values() if isinstance(a, GPTQHessians))
     assert hessians.inputs()["dtype"] == "float32"
     assert reference.inputs()["dtype"] == f"torch.{plan.device.eval_dtype}" == str(EVAL_DTYPE)  # as before
@@ -193,11 +193,9 @@ def test_the_compute_dtype_changes_the_keys_and_the_device_name_does_not(tiny_mo
     half = replace(variant, device=Device("cuda:0", "float16", "float16"))
     assert same_dtype.digest == variant.digest
     assert half.digest != variant.digest
-    reference = next(a for a in plan.artifacts.values() if isinstance(a, TransformersReference))
-    assert TransformersReference(reference.tokens, reference.source_identity, "float16", "cuda:0").inputs() != \
-        reference.inputs()
-    assert TransformersReference(reference.tokens, reference.source_identity, reference.eval_dtype, "cuda:3").inputs() == \
-        reference.inputs()
+    reference = next(a for a in plan.artifacts.values() if isinstance(a, FP16Reference))
+    assert replace(reference, eval_dtype="float16", device="cuda:0").inputs() != reference.inputs()
+    assert replace(reference, device="cuda:3").inputs() == reference.inputs()
     hessians = next(a for a in plan.artifacts.values() if isinstance(a, GPTQHessians))
     assert GPTQHessians(hessians.windows, hessians.source_identity, 0, "float16", "cuda:0").inputs()["dtype"] == "float16"
     assert GPTQHessians(hessians.windows, hessians.source_identity, 0, "float32", "cuda:0").inputs() == hessians.inputs()

@@ -15,7 +15,8 @@ from quantize.engines.gptqmodel.setup import eager_torch
 from quantize.engines.gptqmodel.verify import check_release_folder
 from quantize.formats.gptq import GPTQ, GPTQVariant
 from quantize.errors import BadInput, WorkFailed
-from quantize.evaluate import EVAL_DTYPE, dense_linear, evaluation_windows, perplexity
+from quantize.evaluate import (EVAL_DTYPE, dense_linear, densify_quantized_linears, evaluation_windows, read_reference,
+                               score_windows)
 from quantize.manifest import read_manifest
 from quantize.plan import build_plan
 from quantize.recipe import load_recipe
@@ -84,11 +85,11 @@ def test_assemble_release_takes_tokenizer_from_source_and_drops_logs(tmp_path):
     assert is_source_file("special_tokens_map.json") and not is_source_file("config.json")
 
 
-def test_evaluation_windows_are_consecutive_and_capped():
+def test_evaluation_windows_are_consecutive_full_and_capped():
     ids = list(range(1000))
     assert evaluation_windows(ids, window=300, max_windows=2) == [ids[:300], ids[300:600]]
-    assert evaluation_windows(ids[:50], window=300) == [ids[:50]]
-    assert evaluation_windows([7]) == []
+    assert evaluation_windows(ids, window=300) == [ids[:300], ids[300:600], ids[600:900]]
+    assert evaluation_windows(ids[:50], window=300) == []
 
 
 def test_dense_linear_reproduces_the_layer():
@@ -119,15 +120,6 @@ def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_s
     assert ours.shape == theirs.shape
     assert torch.allclose(ours, theirs)
     assert (ours < weight.abs().reshape(ours.shape[0], ours.shape[1], -1).amax(-1, keepdim=True)).any()  # some clipped
-
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
-    class Uniform(torch.nn.Module):
-        def forward(self, input_ids):
-            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 10)})()
-
-    result = perplexity(Uniform(), [[1, 2, 3, 4], [5, 6]])
-    assert math.isclose(result.perplexity, 10.0, rel_tol=1e-6)
-    assert result.eval_tokens == 4 and result.windows == 2
 
 
 # --- fast: bad input is refused before any work ------------------------------------------------
@@ -276,8 +268,9 @@ def test_manifests_record_calibration_quality_timings_and_tools(release):
             "seed": 0}
         assert "held out" in manifest.calibration["evaluation"]
         quality = manifest.quality
-        assert quality["engine"] == "transformers" and quality["eval_tokens"] > 0
+        assert quality["engine"] == "transformers" and quality["eval_tokens"] == quality["eval_windows"] * 255
         assert math.isfinite(quality["perplexity"]) and math.isfinite(quality["baseline_perplexity"])
+        assert 0 <= quality["kld_mean"] <= quality["kld_p99"] and 0 < quality["top1_agreement"] <= 1
         assert {"load", "quantize", "save", "verify", "evaluate", "total"} <= set(manifest.timings)
         assert "gptqmodel" in manifest.tools and "optimum" in manifest.tools
 
@@ -300,6 +293,7 @@ def test_rerun_skips_everything_and_touches_no_file(release):
 
 
 FOUR_BIT_BOUND = 0.35  # relative logit error of a 4-bit group-128 variant of the tiny random model
+KLD_4BIT_BOUND = 0.005  # nats, mean KL divergence of a 4-bit group-128 variant of the tiny random model
 
 
 def _relative_logit_error(model, reference: torch.Tensor, ids: torch.Tensor) -> float:
@@ -312,7 +306,8 @@ def _relative_logit_error(model, reference: torch.Tensor, ids: torch.Tensor) -> 
 
 @pytest.mark.slow
 def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(release, tiny_model):
-    """Quality with a bound a wrong packing or a shuffled scale cannot meet (measured, not just finite)."""
+    """Quality with bounds a wrong packing or a shuffled scale cannot meet (measured, not just finite): on the
+    logits, and on the KL divergence to the release's fp16 reference that the manifests record."""
     from transformers import AutoModelForCausalLM
 
     from quantize.engines.gptqmodel.verify import load_quantized
@@ -323,16 +318,22 @@ def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(re
     ids = torch.randint(0, 49152, (1, 256))
     fp16 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.inference_mode():
-        reference = fp16(input_ids=ids).logits.float()
+        reference_logits = fp16(input_ids=ids).logits.float()
     errors = {}
     for variant in plan.variants:
         weight_format = AWQ if variant.format == "awq" else GPTQ
         errors[variant.id] = _relative_logit_error(load_quantized(out / variant.subdir, weight_format, variant.spec),
-                                                   reference, ids)
+                                                   reference_logits, ids)
     four_bit, eight_bit, awq = errors["gptq/main"], errors["gptq/gptq-8bit--1g-actorder_False"], errors["awq/main"]
     assert eight_bit < 0.03, errors
     assert four_bit < FOUR_BIT_BOUND and awq < FOUR_BIT_BOUND, errors  # measured 0.23 and 0.22 (random weights)
     assert eight_bit < four_bit / 4, errors  # 4 more bits: ~16x less rounding error (measured 15x)
+
+    reference = read_reference(out / ".work" / "fp16_reference" / "reference.kld")
+    bos = json.loads((out / ".work" / "fp16_reference" / "artifact.json").read_text())["value"]["bos"]
+    kld = {v.id: read_manifest(out, v.id).quality["kld_mean"] for v in plan.variants}
+    assert kld["gptq/gptq-8bit--1g-actorder_False"] < kld["gptq/main"] / 20, kld  # 8-bit: ~1e-5 nats, 4-bit ~2e-3
+    assert kld["awq/main"] < KLD_4BIT_BOUND and kld["gptq/main"] < KLD_4BIT_BOUND, kld
 
     for tensor, dim in (("qweight", 0), ("scales", 0)):  # a packing off by one row, scales of the wrong group
         broken = load_quantized(out / "gptq" / "main", GPTQ, plan.variants[0].spec)
@@ -340,8 +341,12 @@ def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(re
             if hasattr(module, tensor):
                 value = getattr(module, tensor)
                 value.copy_(value.roll(1, dims=dim) if value.shape[dim] > 1 else -value)
-        error = _relative_logit_error(broken, reference, ids)
+        error = _relative_logit_error(broken, reference_logits, ids)
         assert error > FOUR_BIT_BOUND, (tensor, error, errors)  # measured 1.35 and 0.45: both would fail
+        with eager_torch():
+            densify_quantized_linears(broken, torch.float32)
+            broken_kld = score_windows(broken, reference, bos, 1.0).kld_mean
+        assert broken_kld > KLD_4BIT_BOUND, (tensor, broken_kld, kld)  # measured 0.090 and 0.0097 (real: 0.0014)
 
 
 @pytest.mark.slow

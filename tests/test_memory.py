@@ -105,18 +105,28 @@ def test_finished_variants_and_cached_work_need_nothing(tiny_model, write_recipe
     memory.check_resources(plan, tmp_path, pending=[])  # nothing left to make: nothing to refuse
     with pytest.raises(api.BadInput, match="gptq/main: (quantize|verify) needs"):
         memory.check_resources(plan, tmp_path, pending=["gptq/main"])
-    with pytest.raises(api.BadInput, match="of disk"):  # GGUF stages are memory-mapped: only disk is checked
+    with pytest.raises(api.BadInput, match="fp16_reference needs"):  # GGUF is scored against the fp16 reference
+        memory.check_resources(plan, tmp_path, pending=["gguf/Q4_K_M"])
+    monkeypatch.setattr(memory, "available_memory", lambda: 10 ** 15)
+    with pytest.raises(api.BadInput, match="of disk"):  # llama.cpp's own stages are memory-mapped: only disk
         memory.check_resources(plan, tmp_path, pending=["gguf/Q4_K_M"])
 
 
 def test_streamed_fp16_reference_matches_the_resident_one(tiny_model, tmp_path):
-    from quantize.evaluate import load_fp16_model, perplexity
+    from quantize.evaluate import load_fp16_model, reference_rows
 
     windows = [[(7 * i + 3 * j) % 4000 + 10 for j in range(64)] for i in range(2)]
-    held = perplexity(load_fp16_model(tiny_model), windows)
+
+    def window_nlls(model) -> list[float]:
+        nll: list[float] = []
+        for _ in reference_rows(model, windows, None, nll):
+            pass
+        return nll
+
+    held = window_nlls(load_fp16_model(tiny_model))
     streamed_model = load_fp16_model(tiny_model, offload_folder=tmp_path / "offload")
     assert any(p.device.type == "meta" for p in streamed_model.model.layers.parameters())  # layers not in memory
-    assert perplexity(streamed_model, windows).perplexity == pytest.approx(held.perplexity, rel=1e-6)
+    assert window_nlls(streamed_model) == pytest.approx(held, rel=1e-6)
 
 
 def quantize_tiny(model_dir, target, offload_folder=None):

@@ -186,10 +186,11 @@ def test_the_plan_declares_the_shared_work_of_each_variant(tmp_path, write_recip
                      "gguf/Q4_K_M": ["gguf_convert", "gguf_imatrix", "gguf_reference"]}
     assert list(plan.artifacts) == ["calibration_text", "tokens", "windows_128", "gptq_hessians_128", "fp16_reference",
                                     "windows_64", "gptq_hessians_64", "gguf_convert", "gguf_imatrix", "gguf_reference"]
+    assert [a.name for a in plan.artifacts["gguf_reference"].needs()] == ["gguf_convert", "fp16_reference"]
     # per layer, float32: 3 inputs of width 256 (attention in, attention out, MLP in) and one of 512
     assert plan.artifacts["gptq_hessians_128"].estimated_bytes() == 2 * (3 * 256 ** 2 + 512 ** 2) * 4
     assert plan.working_bytes == sum(plan.artifacts[name].estimated_bytes()
-                                     for name in ("gguf_convert", "gptq_hessians_128", "gptq_hessians_64"))
+                                     for name in ("gguf_convert", "gptq_hessians_128", "gptq_hessians_64", "fp16_reference"))
 
 
 def test_sequential_gptq_needs_no_hessians(tmp_path, write_recipe):

@@ -14,11 +14,13 @@ from pathlib import Path
 from ..errors import BadInput, read_user_text
 from ..manifest import Manifest, read_manifest, write_atomic
 from ..plan import Plan
+from .chart import CHART_FILE
 from .context import CardAssets, CardEntry, CardInputs
 from .original import OriginalCard, PromptTemplate, load_original_card, prompt_template, split_card
-from .render import read_template_overrides, render_card, validate_card
+from .render import read_template_overrides, render_card, render_release_chart, validate_card
 
 CARDS_DIR = "cards"
+CARD_FILE = "README.md"
 
 __all__ = ["RenderedCard", "render_cards", "card_path", "collect_manifests", "split_card", "validate_card", "OriginalCard",
            "PromptTemplate", "CardAssets", "CardEntry", "CardInputs", "card_assets", "check_cards", "local_card_inputs",
@@ -34,10 +36,15 @@ class RenderedCard:
     produced: list[str]  # variant ids with a manifest
     missing: list[str]  # planned variant ids without one (left out of the card unless planned=True)
     warnings: list[str] = field(default_factory=list)  # what the card lacks for want of an input, one line each
+    chart: bytes | None = None  # the release's size-vs-KLD chart (PNG), committed next to README.md
+
+    def files(self) -> dict[str, bytes]:
+        """What the card puts on each branch of its repo: README.md and, once files are measured, the chart."""
+        return {CARD_FILE: self.text.encode("utf-8"), **({CHART_FILE: self.chart} if self.chart else {})}
 
 
 def card_path(out_dir: Path, repo_id: str) -> Path:
-    return Path(out_dir) / CARDS_DIR / repo_id.split("/")[-1] / "README.md"
+    return Path(out_dir) / CARDS_DIR / repo_id.split("/")[-1] / CARD_FILE
 
 
 def collect_manifests(plan: Plan, out_dir: Path) -> dict[str, Manifest]:
@@ -96,6 +103,7 @@ def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write
     gaps = inputs.gaps()
     unreachable = f" (could not reach {plan.source.hub} on the Hub)" if plan.source.facts is None and plan.source.hub else ""
     cards = []
+    chart = render_release_chart(inputs)
     for fmt in plan.formats:
         ids = [v.id for v in plan.of_format(fmt)]
         produced = [e.id for e in inputs.entries[fmt] if e.produced]
@@ -105,10 +113,14 @@ def render_cards(plan: Plan, out_dir: Path, include_planned: bool = False, write
         repo_id = plan.repo_ids()[fmt]
         path = card_path(out_dir, repo_id)
         warnings = [f"{repo_id}: the card lacks {'; '.join(gaps)}{unreachable}"] if gaps else []
-        cards.append(RenderedCard(fmt, repo_id, path, text, produced, [i for i in ids if i not in produced], warnings))
+        cards.append(RenderedCard(fmt, repo_id, path, text, produced, [i for i in ids if i not in produced], warnings,
+                                  chart))
     if write:  # only once every card rendered and passed its checks
         for card in cards:
-            write_atomic(card.path, card.text.encode("utf-8"))
+            for name, data in card.files().items():
+                write_atomic(card.path.with_name(name), data)
+            if card.chart is None:
+                card.path.with_name(CHART_FILE).unlink(missing_ok=True)  # nothing measured any more: no stale chart
     return cards
 
 

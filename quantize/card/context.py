@@ -19,7 +19,9 @@ from ..manifest import Manifest
 from ..quant_types import format_size
 from ..recipe import Recipe
 from ..source import context_length
-from .escape import fence, md, url
+from .chart import CHART_FILE, ChartPoint
+from .choose import Candidate, choose, context_label
+from .escape import cell, fence, md, url
 from .original import NO_TEMPLATE, OriginalCard, PromptTemplate
 
 HUB = "https://huggingface.co"
@@ -111,9 +113,25 @@ class CardInputs:
 
 # --- cells the format plugins share ------------------------------------------------------------
 
-def ppl_cell(entry: CardEntry) -> str:
-    value = entry.quality.get("perplexity")
-    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+NO_VALUE = "—"  # a figure the manifest lacks (made before quantize measured it)
+QUALITY_KEYS = ("perplexity", "kld_mean", "kld_p99", "top1_agreement")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def kld_text(value: Any) -> str:
+    number = _number(value)
+    return NO_VALUE if number is None else f"{number:.3g}"
+
+
+def quality_cells(entry: CardEntry) -> dict[str, str]:
+    """The quality columns every card of a release shows, the same for every format."""
+    quality = entry.quality
+    ppl, top1 = _number(quality.get("perplexity")), _number(quality.get("top1_agreement"))
+    return {"ppl": NO_VALUE if ppl is None else f"{ppl:.2f}", "kld": kld_text(quality.get("kld_mean")),
+            "kld_p99": kld_text(quality.get("kld_p99")), "top1": NO_VALUE if top1 is None else f"{top1:.1%}"}
 
 
 def size_cell(entry: CardEntry) -> str:
@@ -169,15 +187,96 @@ def _prompt_example(prompt: PromptTemplate) -> str:
     return prompt.text.replace("{prompt}", "Tell me about AI")
 
 
-def _quality(entries: list[CardEntry]) -> dict[str, Any] | None:
-    measured = [e for e in entries if "perplexity" in e.quality]
+def _release_entries(inputs: CardInputs) -> list[tuple[Any, CardEntry]]:
+    """Every variant of the release (all formats, in card order) with its plugin."""
+    return [(get_format(fmt), entry) for fmt, entries in inputs.entries.items() for entry in entries]
+
+
+def _quality(inputs: CardInputs) -> dict[str, Any] | None:
+    """The evaluation note: the same for every card of the release (every format's measured files)."""
+    measured = [(plugin, e) for plugin, e in _release_entries(inputs)
+                if e.produced and any(_number(e.quality.get(key)) is not None for key in QUALITY_KEYS)]
     if not measured:
         return None
-    first = measured[0]
+    first = measured[0][1]
     quality = first.quality
-    return {"engine": quality.get("engine", ""), "baseline": quality.get("baseline_perplexity"),
+    engines: dict[str, list[str]] = {}  # engine -> the formats it scored
+    baselines: dict[float, list[str]] = {}  # fp16 perplexity -> the engines that measured it
+    for plugin, entry in measured:
+        engine = str(entry.quality.get("engine") or "quantize")
+        if plugin.title not in engines.setdefault(engine, []):
+            engines[engine].append(plugin.title)
+        baseline = _number(entry.quality.get("baseline_perplexity"))
+        if baseline is not None and engine not in baselines.setdefault(round(baseline, 2), []):
+            baselines[round(baseline, 2)].append(engine)
+    # one protocol: every file scored on the same tokens against one fp16 reference (older manifests were not)
+    one_protocol = len(baselines) == 1 and all(_number(e.quality.get("kld_mean")) is not None
+                                               and e.quality.get("eval_tokens") for _, e in measured)
+    return {"engines": [{"engine": engine, "formats": formats} for engine, formats in engines.items()],
+            "baselines": [{"value": value, "engines": names} for value, names in baselines.items()],
+            "tokens": quality.get("eval_tokens"), "windows": quality.get("eval_windows"),
+            "window": quality.get("eval_window"), "has_protocol": one_protocol,
+            "missing_kld": any(_number(e.quality.get("kld_mean")) is None for _, e in measured),
             "evaluation": quality.get("eval_text") or (first.calibration or {}).get("evaluation", ""),
             "dataset": quality.get("dataset") or (dataset_label(first.calibration) if first.calibration else "held-out")}
+
+
+def entry_url(plugin: Any, entry: CardEntry) -> str:
+    """Where a variant is on the Hub: its branch, or its (first) file on main."""
+    if plugin.one_branch_per_variant or not entry.files:
+        return f"{HUB}/{entry.repo_id}/tree/{entry.branch}"
+    return f"{HUB}/{entry.repo_id}/blob/{entry.branch}/{entry.files[0]}"
+
+
+def candidates(inputs: CardInputs) -> list[Candidate]:
+    """Every variant of the release as the choice and the chart see it."""
+    return [Candidate(entry.id, f"{plugin.title} {plugin.short_label(entry)}", entry_url(plugin, entry), entry.size,
+                      _number(entry.quality.get("kld_mean")) if entry.produced else None, plugin.memory_kinds,
+                      not entry.produced)
+            for plugin, entry in _release_entries(inputs)]
+
+
+def chart_points(inputs: CardInputs) -> list[ChartPoint]:
+    """The release's measured files for the size-vs-KLD chart, one series per format, in card order."""
+    return [ChartPoint(plugin.title, plugin.short_label(entry), entry.size, kld)
+            for plugin, entry in _release_entries(inputs)
+            if entry.produced and entry.size is not None and (kld := _number(entry.quality.get("kld_mean"))) is not None]
+
+
+MEMORY_LABELS = {"RAM": "RAM (CPU)", "VRAM": "VRAM (GPU)"}
+
+
+def _gb(value: float) -> str:
+    return f"{value:g} GB"
+
+
+def _which_file(inputs: CardInputs) -> dict[str, Any]:
+    """The "Which file should I choose?" section's data, computed by choose.py."""
+    choice = choose(candidates(inputs), inputs.model_config)
+
+    def pick(candidate: Candidate | None) -> str:
+        return f"[{cell(candidate.label)}]({candidate.url}) (KLD {kld_text(candidate.kld)})" if candidate else "nothing fits"
+
+    columns = [(kind, tokens) for kind in choice.kinds for tokens in choice.contexts]
+    kv = choice.kv
+    return {
+        "kv": {"layers": kv.layers, "kv_heads": kv.kv_heads, "head_dim": kv.head_dim, "value_bytes": kv.value_bytes,
+               "per_token": f"{kv.bytes_per_token:,}",
+               "at": [{"tokens": f"{t:,}", "size": format_size(kv.bytes(t))} for t in choice.contexts]} if kv else None,
+        "contexts": [context_label(t) for t in choice.contexts],
+        "columns": [f"{MEMORY_LABELS[kind]}, {context_label(tokens)} context" for kind, tokens in columns],
+        "budgets": [{"budget": _gb(gb), "picks": [pick(picks[column]) for column in columns]}
+                    for gb, picks in choice.budgets],
+        "files": [{"label": cell(c.label), "url": c.url, "runs_in": " or ".join(c.memory_kinds),
+                   "size": ("~" if c.estimated else "") + format_size(c.size) if c.size is not None else "?",
+                   "kld": kld_text(c.kld),
+                   "needs": [("~" if c.estimated else "") + format_size(n) if n is not None else "?" for n in needs]}
+                  for c, needs in choice.needs],
+        "best": {"label": md(choice.best_per_gb.label), "url": choice.best_per_gb.url,
+                 "size": format_size(choice.best_per_gb.size), "kld": kld_text(choice.best_per_gb.kld)}
+        if choice.best_per_gb else None,
+        "ranked": choice.ranked, "kinds": list(choice.kinds),
+    }
 
 
 def card_context(inputs: CardInputs, fmt: str) -> dict[str, Any]:
@@ -190,7 +289,8 @@ def card_context(inputs: CardInputs, fmt: str) -> dict[str, Any]:
     creator_title = f"{creator}'s" if creator else "The"
     creator_url = source.creator_url or (f"{HUB}/{source.base_model.split('/')[0]}" if source.base_model else None)
     entries = inputs.entries.get(fmt, [])
-    rows = [plugin.card_row(entry, inputs.model_type) for entry in entries]
+    rows = [{**plugin.card_row(entry, inputs.model_type), **quality_cells(entry)} for entry in entries]
+    quality = _quality(inputs)
     repo_id = recipe.release.repo_id(plugin.title)
     original = inputs.original if inputs.original and inputs.original.body.strip() else None
     revision = source.revision if source.hub and source.base_model == source.hub else "main"
@@ -201,9 +301,10 @@ def card_context(inputs: CardInputs, fmt: str) -> dict[str, Any]:
         "original_title": f"{creator_title} {name}" if creator else name,
         "base_model": source.base_model, "base_model_url": f"{HUB}/{source.base_model}" if source.base_model else None,
         "quantized_by": recipe.release.author, "prompt": inputs.prompt, "rows": rows,
-        "has_ppl": any(r["ppl"] for r in rows), "planned_only": not any(e.produced for e in entries),
+        "has_quality": quality is not None, "planned_only": not any(e.produced for e in entries),
         "repositories": _repositories(inputs, creator_title),
-        "quality": _quality([e for e in entries if e.produced]),
+        "quality": quality, "which_file": _which_file(inputs),
+        "chart": CHART_FILE if chart_points(inputs) else None,
         "context_length": inputs.context_length or 4096,
         "model_type": inputs.model_type,
         "original": original, "header": inputs.assets.header, "footer": inputs.assets.footer,

@@ -13,7 +13,8 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from ..errors import BadInput
 from ..schema import HUB_ID
-from .context import CardInputs, card_context
+from .chart import render_chart
+from .context import CardInputs, card_context, chart_points
 from .escape import FILTERS
 
 
@@ -144,3 +145,11 @@ def render_card(inputs: CardInputs, fmt: str) -> str:
     if problems:
         raise BadInput(f"card for {context['repo_id']}: {problems[0]}")
     return text
+
+
+def render_release_chart(inputs: CardInputs) -> bytes | None:
+    """The size-vs-KLD chart of the whole release (the same PNG for every repo), None with nothing measured."""
+    points = chart_points(inputs)
+    if not points:
+        return None
+    return render_chart(points, f"{inputs.recipe.source.display_name()}: size and KL divergence from fp16")

@@ -32,9 +32,16 @@ BINARY_FOLDERS = (".", "bin", "build/bin")
 SETUP_HINT = f"run scripts/setup_llamacpp.sh, or set {FOLDER_ENV} to your own llama.cpp build"
 VERSION_TIMEOUT_S = 20
 
-# llama-perplexity: per-chunk values "[12]9.8765," on stdout, "Final estimate: PPL = 9.8765 +/- 0.1" on stderr.
-FINAL_ESTIMATE = re.compile(r"Final estimate:\s*PPL\s*=\s*([0-9.]+(?:[eE][+-]?\d+)?|nan|inf)", re.IGNORECASE)
-CHUNK_VALUE = re.compile(r"\[(\d+)\]\s*([0-9.]+(?:[eE][+-]?\d+)?|nan|inf)", re.IGNORECASE)
+# llama-perplexity --kl-divergence: its closing statistics (perplexity.cpp, kl_divergence()).
+KLD_STATISTICS = {
+    "perplexity": re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+(?:[eE][+-]?\d+)?|nan|inf)"),
+    "baseline_perplexity": re.compile(r"Mean PPL\(base\)\s*:\s*([0-9.]+(?:[eE][+-]?\d+)?|nan|inf)"),
+    "kld_mean": re.compile(r"Mean\s+KLD:\s*(-?[0-9.]+(?:[eE][+-]?\d+)?|nan|inf)"),
+    "kld_p99": re.compile(r"99\.0%\s+KLD:\s*(-?[0-9.]+(?:[eE][+-]?\d+)?|nan|inf)"),
+    "top1_percent": re.compile(r"Same top p:\s*([0-9.]+|nan)"),
+}
+# what kl_divergence() logs before giving up (it still exits 0)
+KLD_REFUSAL = re.compile(r"^.*kl_divergence: .*(?:inconsistent|failed|does not look|Increase it).*$", re.MULTILINE)
 # llama-quantize, for rows a type can't hold:
 # "warning: blk.0.ffn_down.weight - ncols 576 not divisible by 256 (required for type q6_K) -> falling back to q8_0"
 FALLBACK = re.compile(r"(\S+)\s+-\s+ncols\s+(\d+)\s+not divisible by\s+(\d+)\s+\(required for type\s+(\S+)\s*\)"
@@ -230,22 +237,27 @@ def split_command(tools: LlamaCpp, source: Path, prefix: Path, max_bytes: int) -
     return [tools.tool("llama-gguf-split"), "--split", "--split-max-size", f"{megabytes}M", source, prefix]
 
 
-def perplexity_command(tools: LlamaCpp, model: Path, text_file: Path, context: int, threads: int) -> list:
-    return [tools.tool("llama-perplexity"), "-m", model, "-f", text_file, "-c", str(context), "-t", str(threads)]
+def kl_divergence_command(tools: LlamaCpp, model: Path, base_file: Path, context: int, threads: int) -> list:
+    """Score `model` on the tokens of a --kl-divergence-base file, against the log-probs it holds."""
+    return [tools.tool("llama-perplexity"), "-m", model, "--kl-divergence-base", base_file, "--kl-divergence",
+            "-c", str(context), "-t", str(threads)]
 
 
 # --- reading what the tools print -----------------------------------------------------------
 
-def parse_perplexity(stdout: str, stderr: str) -> float:
-    """The "Final estimate" (stderr, or stdout when the streams were merged), else the last chunk value."""
-    for stream in (stderr, stdout):
-        finals = FINAL_ESTIMATE.findall(stream)
-        if finals:
-            return float(finals[-1])
-    chunks = CHUNK_VALUE.findall(stdout) or CHUNK_VALUE.findall(stderr)
-    if chunks:
-        return float(chunks[-1][1])
-    raise WorkFailed("llama-perplexity printed no perplexity (no final estimate and no per-chunk values)")
+def parse_kl_divergence(output: str) -> dict[str, float]:
+    """llama-perplexity --kl-divergence's statistics: perplexity (the model's and the base's), mean and
+    99th-percentile KL divergence, and top-1 agreement as a fraction; WorkFailed when it printed none."""
+    refusal = KLD_REFUSAL.search(output)
+    if refusal:
+        raise WorkFailed(f"llama-perplexity refused the reference log-probs: {refusal.group(0).strip()[:300]}")
+    found = {name: pattern.findall(output) for name, pattern in KLD_STATISTICS.items()}
+    missing = [name for name, values in found.items() if not values]
+    if missing:
+        raise WorkFailed(f"llama-perplexity printed no KL divergence statistics (missing {', '.join(missing)})")
+    values = {name: float(found_values[-1]) for name, found_values in found.items()}
+    values["top1_agreement"] = values.pop("top1_percent") / 100
+    return values
 
 
 def parse_fallbacks(output: str) -> list[str]:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from ..calibration import CalibrationTextArtifact, TokensArtifact, WindowsArtifact
 from .. import memory
+from ..calibration import WindowsArtifact
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
 from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
@@ -113,18 +113,14 @@ class WeightFormatPlugin(Format):
         specs: list[WeightVariantSpec] = getattr(recipe, self.name)
         repo_id = recipe.release.repo_id(self.title)
         calibration = recipe.resolved_calibration()
-        text = CalibrationTextArtifact(calibration)
-        tokens = TokensArtifact(text, source.identity)
-        from ..evaluate import EVAL_WINDOW, TransformersReference
-
         from ..devices import detect, source_dtype
+        from ..evaluate import EVAL_WINDOW, fp16_reference
 
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
                         strict=False)  # a release refuses a device it can't have (api.require_device)
         offload = recipe.compute.offload
-        reference = TransformersReference(
-            tokens, source.identity, device.eval_dtype, device.name, offload,
-            memory.evaluation("fp16_reference", source.facts, device.eval_dtype, EVAL_WINDOW, offload))
+        reference = fp16_reference(recipe, source)
+        tokens = reference.tokens
         variants = []
         for index, (spec, branch) in enumerate(zip(specs, assign_branches(self.name, specs))):
             check_group_divides(self.name, index, spec.group_size, source.facts)
@@ -185,8 +181,17 @@ class WeightFormatPlugin(Format):
                 "other_branch": other, "example_branch": other or default, "requirements": requirements,
                 "pip_packages": " ".join(r["package"] for r in requirements)}
 
+    def short_label(self, entry: Any) -> str:
+        params = entry.params
+        group = f" g{params['group_size']}" if params["group_size"] else ""
+        return f"{params['bits']}-bit{group}{self.short_label_more(params)}"
+
+    def short_label_more(self, params: dict[str, Any]) -> str:
+        """Format-specific parameters for the short label."""
+        return ""
+
     def weight_row(self, entry: Any, model_type: str | None) -> dict[str, Any]:
-        from ..card.context import dataset_cell, ppl_cell, size_cell
+        from ..card.context import dataset_cell, size_cell
 
         params = entry.params
         calibration = entry.calibration
@@ -194,5 +199,5 @@ class WeightFormatPlugin(Format):
             "branch": entry.branch, "url": f"{HUB}/{entry.repo_id}/tree/{entry.branch}",
             "bits": params["bits"], "group_size": group_size_label(params["group_size"]),
             "dataset": dataset_cell(calibration), "seq_len": calibration["seq_len"] if calibration else "",
-            "size": size_cell(entry), "description": entry.description, "ppl": ppl_cell(entry),
+            "size": size_cell(entry), "description": entry.description,
         }

@@ -189,6 +189,8 @@ class Format(ABC):
     library_name: ClassVar[str | None] = None  # front matter library_name
     location_label: ClassVar[str] = "Branch"  # what the plan calls a variant's place: Branch or File
     case_insensitive_names: ClassVar[bool] = False  # `--variants` matches names in any case (GGUF types)
+    # where its files run, for the card's "Which file should I choose?": "RAM" (CPU) and/or "VRAM" (GPU)
+    memory_kinds: ClassVar[tuple[str, ...]] = ("VRAM",)
 
     def check_section(self, section: Any) -> None:
         """Recipe-level checks beyond the section's schema; ValueError naming the field."""
@@ -224,6 +226,10 @@ class Format(ABC):
     def card_extras(self, entries: list[Any]) -> dict[str, Any]:
         """Template data of this format's own (examples, explanations)."""
         return {}
+
+    def short_label(self, entry: Any) -> str:
+        """A variant in a few characters, for the release-wide chart and tables ("Q4_K_M", "4-bit g128")."""
+        return entry.name
 
     def location(self, variant: Variant) -> str:
         return variant.file_name or variant.branch

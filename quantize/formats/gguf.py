@@ -4,10 +4,12 @@ made with llama.cpp's own tools.
 Shared work, as artifacts of the release (cached in `<out>/.work/<name>/`):
   gguf_convert    the model converted once to F16 (or BF16, recipe `gguf.outtype`)
   gguf_imatrix    the importance matrix (`gguf.imatrix: true`), from the calibration text
-  gguf_reference  the converted file's perplexity on the held-out text
+  gguf_reference  the converted file scored by llama.cpp against the release's fp16 reference
+                  (quantize/evaluate.py): llama.cpp's own baseline, next to transformers'
 All pending types are then quantized in parallel (as many llama-quantize processes as cores and
 memory allow); `produce` waits for its own type, splits it if it is above the release's size
-limit, checks the file, and measures its perplexity.
+limit, checks the file, and scores it with `llama-perplexity --kl-divergence` against the same
+fp16 reference as every GPTQ/AWQ variant.
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from .. import memory
-from ..calibration import CALIBRATION_FILE, EVALUATION_FILE, CalibrationTextArtifact
-from ..engines.llamacpp import (LlamaCpp, convert_command, find_llama_cpp, imatrix_command, parse_fallbacks,
-                                parse_perplexity, perplexity_command, quantize_command, registered_architectures,
+from ..calibration import CALIBRATION_FILE, CalibrationTextArtifact
+from ..engines.llamacpp import (LlamaCpp, convert_command, find_llama_cpp, imatrix_command, kl_divergence_command,
+                                parse_fallbacks, parse_kl_divergence, quantize_command, registered_architectures,
                                 run_tool, split_command)
 from ..errors import BadInput, WorkFailed
+from ..quality import Quality, quality_record
 from ..quant_types import GB, GGUF_TYPES, K_QUANT_BLOCKS, RAM_OVERHEAD_BYTES, format_size, gguf_file_name
 from ..schema import Strict
 from ..stages import Artifact, ArtifactStore, Stopwatch, write_json
 from .base import Backend, Format, Produced, ReleaseContext, Variant
 
 if TYPE_CHECKING:
+    from ..evaluate import FP16Reference, Reference
     from ..recipe import Recipe
     from ..source import ModelFacts, SourceModel
 
@@ -288,10 +292,11 @@ class ImportanceMatrix(Artifact):
 
 @dataclass(frozen=True, repr=False)
 class GGUFReference(Artifact):
-    """The converted file's perplexity on the held-out text: the baseline of every GGUF type."""
+    """The converted F16/BF16 file scored by llama.cpp against the fp16 reference: llama.cpp's own
+    baseline, which must agree with transformers' on the same tokens (the README shows by how much)."""
 
     conversion: GGUFConversion
-    text: CalibrationTextArtifact
+    reference: FP16Reference
 
     @property
     def name(self) -> str:
@@ -304,17 +309,41 @@ class GGUFReference(Artifact):
         return {"context": CONTEXT_TOKENS, "engine": ENGINE}
 
     def needs(self) -> tuple[Artifact, ...]:
-        return (self.conversion, self.text)
+        return (self.conversion, self.reference)
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
-        return measure_perplexity(store, store.value(self.conversion), self.text, f"baseline-{self.conversion.outtype.upper()}")
+        converted = store.value(self.conversion)
+        check_bos(converted, store.value(self.reference))
+        quality = measure_quality(store, converted, self.reference, f"baseline-{self.conversion.outtype.upper()}")
+        return asdict(quality)
+
+    def load(self, store: ArtifactStore, folder: Path, value: Any) -> Quality:
+        return Quality(**value)
 
 
-def measure_perplexity(store: ArtifactStore, model: Path, text: CalibrationTextArtifact, label: str) -> float:
-    text_file = store.get(text).folder / EVALUATION_FILE
-    output = run_tool(perplexity_command(llama_tools(store.context), model, text_file, CONTEXT_TOKENS, cpu_count()),
-                      log_file(store, f"perplexity-{label}"))
-    return round(parse_perplexity(output.stdout, output.stderr), 4)
+def check_bos(converted: Path, reference: Reference) -> None:
+    """llama.cpp puts BOS first in each window when the file says so; the reference must have done the same."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(converted).fields
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    bos_id = fields.get("tokenizer.ggml.bos_token_id")
+    if add_bos is not None and bool(_field_value(add_bos)) != (reference.bos is not None):
+        raise WorkFailed(f"{converted.name}: llama.cpp {'adds' if _field_value(add_bos) else 'does not add'} a BOS "
+                         "token to each window but the source's tokenizer does not agree: the figures would not compare")
+    if reference.bos is not None and bos_id is not None and int(_field_value(bos_id)) != reference.bos:
+        raise WorkFailed(f"{converted.name}: BOS token {int(_field_value(bos_id))} differs from the tokenizer's "
+                         f"{reference.bos}")
+
+
+def measure_quality(store: ArtifactStore, model: Path, reference: FP16Reference, label: str) -> Quality:
+    """llama-perplexity --kl-divergence on the reference's tokens; the baseline perplexity is transformers'."""
+    base = store.value(reference)
+    output = run_tool(kl_divergence_command(llama_tools(store.context), model, base.file.path, base.file.window,
+                                            cpu_count()), log_file(store, f"kl-divergence-{label}"))
+    values = parse_kl_divergence(output.text)
+    return Quality(values["perplexity"], base.perplexity, values["kld_mean"], values["kld_p99"],
+                   values["top1_agreement"], base.eval_tokens, base.file.windows, base.file.window)
 
 
 # --- resources ------------------------------------------------------------------------------
@@ -369,6 +398,8 @@ class GGUFBackend(Backend):
     def check(self, variants: list[Variant]) -> None:
         check_architecture(self.context.plan.source.facts, self.tools)
         check_imatrix(variants)
+        for variant in variants:
+            needed(variant, GGUFReference).reference.check(self.context.store)
         self.pending = list(variants)
 
     def tool_versions(self) -> dict[str, str]:
@@ -377,8 +408,8 @@ class GGUFBackend(Backend):
     def produce(self, variant: Variant, staging: Path) -> Produced:
         clock = Stopwatch()
         store = self.context.store
-        reference = needed(variant, GGUFReference)
-        baseline = store.value(reference)
+        engine_baseline = needed(variant, GGUFReference)
+        baseline: Quality = store.value(engine_baseline)
         quantized = self._quantize_job(variant).result()
         clock.add("quantize", quantized.seconds)
         with clock.stage("split"):
@@ -386,8 +417,8 @@ class GGUFBackend(Backend):
         facts = read_gguf_facts(files)
         if facts.file_type != variant.name:
             raise WorkFailed(f"{files[0].name}: general.file_type says {facts.file_type}, expected {variant.name}")
-        with clock.stage("perplexity"):
-            perplexity = measure_perplexity(store, files[0], reference.text, variant.name)
+        with clock.stage("evaluate"):
+            measured = measure_quality(store, files[0], engine_baseline.reference, variant.name)
         timings = {**store.timings(variant.needs), **clock.timings}
         notes = parse_fallbacks(quantized.output)
         if len(files) > 1:
@@ -395,9 +426,11 @@ class GGUFBackend(Backend):
                          "with llama-gguf-split")
         else:
             timings.pop("split")
-        text = store.value(reference.text)
-        quality = {"perplexity": perplexity, "baseline_perplexity": baseline, "engine": ENGINE,
-                   "eval_text": text.facts["evaluation"], "dataset": text.facts["dataset"], "context": CONTEXT_TOKENS}
+        text = store.value(engine_baseline.reference.tokens.text)
+        quality = quality_record(measured, ENGINE, engine_baseline_perplexity=round(baseline.perplexity, 4),
+                                 engine_baseline_kld=round(baseline.kld_mean, 6),
+                                 engine_baseline_type=variant.spec.outtype.upper(),
+                                 eval_text=text.facts["evaluation"], dataset=text.label)
         calibration = {**text.facts, "imatrix": imatrix_facts(facts)} if variant.spec.imatrix else None
         return Produced(files=files, quality=quality, timings=timings, notes=notes, calibration=calibration,
                         measured={"bpw": round(facts.bits_per_weight, 3), "file_type": facts.file_type,
@@ -479,6 +512,7 @@ class GGUFFormat(Format):
     library_name = None
     location_label = "File"
     case_insensitive_names = True  # llama.cpp's type names: q4_k_m is Q4_K_M
+    memory_kinds = ("RAM", "VRAM")  # on the CPU, or every layer offloaded to a GPU (-ngl 99)
 
     def expand(self, recipe: "Recipe", source: "SourceModel") -> list[Variant]:
         spec: GGUFSpec = recipe.gguf
@@ -491,7 +525,9 @@ class GGUFFormat(Format):
         text = CalibrationTextArtifact(calibration)
         imatrix = (ImportanceMatrix(conversion, text, spec.imatrix_chunks, f"{release.basename}.imatrix.gguf")
                    if spec.imatrix else None)
-        reference = GGUFReference(conversion, text)
+        from ..evaluate import fp16_reference
+
+        reference = GGUFReference(conversion, fp16_reference(recipe, source))
         variants = []
         for type_name in spec.types:
             facts = GGUF_TYPES[type_name]
@@ -520,8 +556,6 @@ class GGUFFormat(Format):
         return "imatrix" if variant.spec.imatrix else ""
 
     def card_row(self, entry, model_type: str | None) -> dict[str, Any]:
-        from ..card.context import ppl_cell
-
         facts = GGUF_TYPES[entry.name]
         prefix = "" if entry.produced else "~"
         size = entry.size
@@ -530,7 +564,7 @@ class GGUFFormat(Format):
             "method": entry.name, "bits": facts.bits,
             "size": prefix + format_size(size) if size else "?",
             "max_ram": prefix + format_size(size + RAM_OVERHEAD_BYTES) if size else "?",
-            "use_case": entry.description, "ppl": ppl_cell(entry), "bpw": entry.measured.get("bpw"),
+            "use_case": entry.description, "bpw": entry.measured.get("bpw"),
             "imatrix": entry.params.get("imatrix", False), "split": len(entry.files) > 1,
         }
 

@@ -24,6 +24,7 @@ from ..errors import WorkFailed
 from ..killpoints import kill_point
 from ..manifest import Manifest, mismatches, read_manifest
 from ..plan import Plan
+from ..quality import gate_problem
 from .layout import BranchContent, BranchState, ReleaseIdentity, RemoteFile, branch_contents, branch_mismatches, is_lfs
 from .ownership import claim_release
 
@@ -94,6 +95,10 @@ def local_manifests(plan: Plan, out_dir: Path, verified: set[str], log: Callable
         manifest = read_manifest(out_dir, variant.id)
         if manifest is None:
             continue
+        problem = gate_problem(manifest.quality, plan.recipe.quality.max_kld)
+        if problem:
+            log(f"{variant.id}: not published: {problem}")
+            continue
         if variant.id not in verified:
             problems = mismatches(out_dir, manifest, check_hashes=True)
             if problems:
@@ -136,7 +141,7 @@ def _check_owner(content: BranchContent, state: BranchState, identity: ReleaseId
         raise WorkFailed(f"publish: {at} now holds another release (release id {release['id']}): not published")
 
 
-def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, str],
+def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, dict[str, bytes]],
                     prompt: PromptTemplate, assets: CardAssets, target: Target,
                     log: Callable[[str], None] = print, identity: ReleaseIdentity | None = None,
                     carried: dict[str, Manifest] | None = None,

@@ -199,10 +199,11 @@ def release_record(plan: Plan, manifests: list[Manifest], prompt: PromptTemplate
     return (json.dumps(record, indent=2, sort_keys=False) + "\n").encode()
 
 
-def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, str],
+def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], cards: dict[str, dict[str, bytes]],
                     prompt: PromptTemplate, assets: CardAssets, identity: ReleaseIdentity | None = None,
                     carried: set[str] = frozenset()) -> list[BranchContent]:
-    """One BranchContent per (repo, branch) with a produced variant; `cards` maps repo_id -> README text.
+    """One BranchContent per (repo, branch) with a produced variant; `cards` maps repo_id -> the card's
+    files (README.md and the release's chart, `RenderedCard.files()`), put on every branch of the repo.
 
     Variants in `carried` were not made in this output folder: their files stay as published.
     """
@@ -225,7 +226,7 @@ def branch_contents(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], c
     for key, content in contents.items():
         if content.repo_id not in cards:
             raise ValueError(f"no card rendered for {content.repo_id}")
-        content.generated[CARD_FILE] = cards[content.repo_id].encode("utf-8")
-        owned = sorted({*content.files, *content.kept, CARD_FILE, RECORD_FILE})
+        content.generated.update(cards[content.repo_id])
+        owned = sorted({*content.files, *content.kept, *content.generated, RECORD_FILE})
         content.generated[RECORD_FILE] = release_record(plan, produced[key], prompt, assets, identity, owned)
     return list(contents.values())

@@ -24,7 +24,8 @@ from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import awq_fixes, eager_torch, import_gptqmodel, load_unquantized, supported_model_types
+from .setup import (awq_fixes, eager_torch, import_gptqmodel, load_unquantized, quantize_config,
+                    supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
@@ -46,15 +47,9 @@ class WeightFormat:
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
     def quantize_config(self, spec: Any, device: Device | None = None, offload_folder: Path | None = None):
-        """GPTQModel's settings; with `offload_folder` the layers stream from disk (its offload_to_disk:
-        a meta-device shell whose layers its lazy "turtle" source reads from the checkpoint one at a
-        time, and finished layers written to `offload_folder`)."""
-        from gptqmodel import QuantizeConfig
-
-        on_gpu = {"device": device.name} if device is not None and device.is_cuda else {}
-        offload = ({"offload_to_disk": True, "offload_to_disk_path": str(offload_folder)} if offload_folder
-                   else {"offload_to_disk": False})
-        return QuantizeConfig(**self.quantize_settings(spec), **offload, **on_gpu)
+        """GPTQModel's settings (setup.quantize_config); with `offload_folder` the layers stream from disk."""
+        return quantize_config(self.quantize_settings(spec), device.name if device is not None else None,
+                               offload_folder)
 
     def backend_for(self, device: Device | None) -> str:
         """GPTQModel's kernels for quantizing: its own choice (GPU kernels) on a GPU."""
@@ -117,13 +112,14 @@ class GPTQModelBackend(Backend):
 
     # check
     def check(self, variants: list[Variant]) -> None:
+        from ...evaluate import FP16Reference
+
         import_gptqmodel()
         self._check_source()
         store = self.context.store
         for variant in variants:
             store.get(needed(variant, WindowsArtifact))  # BadInput when the text is too short
-            if not evaluation_windows_of(store.value(needed(variant, WindowsArtifact).tokens)):
-                raise BadInput("calibration: the held-out evaluation text is empty; raise calibration.held_out")
+            needed(variant, FP16Reference).check(store)
 
     def _check_source(self) -> None:
         fmt = self.weight_format.name
@@ -153,9 +149,9 @@ class GPTQModelBackend(Backend):
         device = variant.device or CPU
         dtype = device.compute_dtype
         with clock.stage("baseline"):  # before the model is loaded: one model in memory at a time
-            from ...evaluate import TransformersReference
+            from ...evaluate import FP16Reference
 
-            store.get(needed(variant, TransformersReference))
+            store.get(needed(variant, FP16Reference))
         offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if variant.offload == "disk" else None
         try:
             with clock.stage("load"):
@@ -198,7 +194,8 @@ class GPTQModelBackend(Backend):
         assemble_release(saved, staging, self.context.model_path)
 
     def _verify(self, variant: Variant, staging: Path, clock: Stopwatch) -> dict[str, Any]:
-        from ...evaluate import TransformersReference, densify_quantized_linears, perplexity
+        from ...evaluate import ENGINE, FP16Reference, densify_quantized_linears, score_windows
+        from ...quality import quality_record
 
         store = self.context.store
         device = variant.device or CPU
@@ -207,25 +204,19 @@ class GPTQModelBackend(Backend):
             model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code, device)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
-            reference = needed(variant, TransformersReference)
-            baseline = store.value(reference)
+            artifact = needed(variant, FP16Reference)
+            reference = store.value(artifact)
         with clock.stage("evaluate"), eager_torch():
             if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
                 densify_quantized_linears(model, device.torch_dtype("eval"))
-            result = perplexity(model, evaluation_windows_of(store.value(reference.tokens)))
+            quality = score_windows(model, reference.file, reference.bos, reference.perplexity)
         del model
         give_back()
-        if not result.perplexity < float("inf"):
-            raise WorkFailed(f"the quantized model's perplexity is not finite ({result.perplexity})")
-        text = store.value(reference.tokens.text)
-        return {**result.as_quality(baseline, text.facts.get("evaluation"), device.torch_dtype("eval")),
-                "dataset": text.label, "generated_tokens": generated}
+        if not quality.perplexity < float("inf"):
+            raise WorkFailed(f"the quantized model's perplexity is not finite ({quality.perplexity})")
+        text = store.value(artifact.tokens.text)
+        return quality_record(quality, ENGINE, eval_dtype=device.eval_dtype, eval_text=text.facts.get("evaluation"),
+                              dataset=text.label, generated_tokens=generated)
 
     def tool_versions(self) -> dict[str, str]:
         return package_versions(TOOL_PACKAGES)
-
-
-def evaluation_windows_of(tokens) -> list[list[int]]:
-    from ...evaluate import evaluation_windows
-
-    return evaluation_windows(tokens.evaluation)
