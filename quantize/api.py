@@ -22,8 +22,9 @@ from .plan import Plan, build_plan
 from .publish import (PublishedBranch, carried_manifests, claim, local_manifests, make_target, publish_release,
                       read_states)
 from .publish.ownership import write_release_id
-from .recipe import Recipe, load_recipe, with_device, with_model_path
-from .runner import NoCapture, Outcome, output_lock
+from .recipe import Recipe, load_recipe, with_compute, with_model_path
+from .memory import check_resources
+from .runner import NoCapture, Outcome, is_finished, output_lock
 from .stages import WORK_DIR
 from .source import inspect_source, settle_repo_id
 
@@ -31,18 +32,21 @@ if TYPE_CHECKING:
     from .capture import LibraryOutput
 
 
-def load(recipe_path: str | Path, model: str | Path | None = None, device: str | None = None) -> Recipe:
+def load(recipe_path: str | Path, model: str | Path | None = None, device: str | None = None,
+         offload: str | None = None) -> Recipe:
     recipe = load_recipe(recipe_path)
     recipe = with_model_path(recipe, model) if model else recipe
-    return with_device(recipe, device) if device is not None else recipe
+    return with_compute(recipe, device=device, offload=offload)
 
 
 def plan(recipe_path: str | Path, model: str | Path | None = None, only: list[str] | None = None,
-         variants: list[str] | None = None, device: str | None = None) -> Plan:
-    """The release's plan: every variant with repo, branch or file, parameters and estimated size.
+         variants: list[str] | None = None, device: str | None = None, offload: str | None = None) -> Plan:
+    """The release's plan: every variant with repo, branch or file, parameters, estimated size and
+    the peak memory of each stage.
 
-    `device` (auto, cpu, cuda, cuda:N) replaces the recipe's `compute.device`."""
-    recipe = load(recipe_path, model, device)
+    `device` (auto, cpu, cuda, cuda:N) replaces the recipe's `compute.device`, `offload` (none,
+    disk) its `compute.offload`."""
+    recipe = load(recipe_path, model, device, offload)
     source = inspect_source(recipe)
     recipe = settle_repo_id(recipe, source)  # the cards need the original repo: given, or named by the model
     return _select(build_plan(recipe, source), only, variants)
@@ -84,16 +88,19 @@ def check_before_work(full: Plan, chosen: Plan, out_dir: Path, executor: Executo
     for artifact in chosen.artifacts.values():
         if isinstance(artifact, CalibrationTextArtifact):
             check_available(artifact.calib)
-    return check_cards(full, out_dir)
+    cards = check_cards(full, out_dir)
+    check_resources(chosen, out_dir, [v.id for v in chosen.variants if is_finished(out_dir, v) is None])
+    return cards
 
 
 def check(recipe_path: str | Path, out: str | Path | None = None, only: list[str] | None = None,
           variants: list[str] | None = None, model: str | Path | None = None, device: str | None = None,
-          executor: str = "local", address: str | None = None, task_cpus: float | None = None) -> Plan:
+          executor: str = "local", address: str | None = None, task_cpus: float | None = None,
+          offload: str | None = None) -> Plan:
     """What `release --dry-run` does: the plan of this selection, after every check made before work."""
     runner = make_executor(executor, address, task_cpus)
     try:
-        full = plan(recipe_path, model, device=device)
+        full = plan(recipe_path, model, device=device, offload=offload)
         chosen = _select(full, only, variants)
         check_before_work(full, chosen, output_folder(out, full.recipe), runner)
     finally:
@@ -136,13 +143,13 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
             log: Callable[[str], None] = print, on_outcome: Callable[[Outcome], None] | None = None,
             on_start: Callable[[Plan], None] | None = None, device: str | None = None,
             library_output: "LibraryOutput | None" = None, executor: str = "local", address: str | None = None,
-            task_cpus: float | None = None) -> ReleaseResult:
+            task_cpus: float | None = None, offload: str | None = None) -> ReleaseResult:
     """Plan, produce every unfinished variant, render the cards (and publish, when asked).
 
-    `device` replaces the recipe's `compute.device`; with `library_output` (capture.LibraryOutput)
-    the libraries' output goes to `<out>/.work/logs/` instead of the terminal. `executor` is where
-    the variants are made: "local" (this process) or "ray" (tasks on the Ray cluster at `address`,
-    `task_cpus` CPUs each; see quantize/executors/).
+    `device` and `offload` replace the recipe's `compute.device` and `compute.offload`; with
+    `library_output` (capture.LibraryOutput) the libraries' output goes to `<out>/.work/logs/`
+    instead of the terminal. `executor` is where the variants are made: "local" (this process) or
+    "ray" (tasks on the Ray cluster at `address`, `task_cpus` CPUs each; see quantize/executors/).
 
     Before any work: the target accepts us, no repo or branch belongs to another release, and no
     other run uses the output folder (its lock is held to the end). Publishing verifies every
@@ -152,14 +159,14 @@ def release(recipe_path: str | Path, out: str | Path | None = None, only: list[s
     runner = make_executor(executor, address, task_cpus)
     try:
         return _release(recipe_path, out, only, variants, model, publish, log, on_outcome, on_start, device,
-                        library_output, runner)
+                        library_output, runner, offload)
     finally:
         runner.close()
 
 
 def _release(recipe_path, out, only, variants, model, publish, log, on_outcome, on_start, device, library_output,
-             runner: Executor) -> ReleaseResult:
-    full = plan(recipe_path, model, device=device)  # cards describe the whole release, not only this selection
+             runner: Executor, offload: str | None = None) -> ReleaseResult:
+    full = plan(recipe_path, model, device=device, offload=offload)  # cards describe the whole release
     chosen = _select(full, only, variants)
     out_dir = output_folder(out, full.recipe)
     check_before_work(full, chosen, out_dir, runner)  # local checks first (cheap), then the publishing target's

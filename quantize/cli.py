@@ -20,6 +20,7 @@ from .formats import get_format
 from .plan import Plan
 from .capture import LibraryOutput
 from .progress import ReleaseProgress
+from .memory import gb
 from .quant_types import format_size
 
 WIDTH = None if sys.stdout.isatty() else 120  # rich assumes 80 columns when piped; tables need more
@@ -31,6 +32,10 @@ def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+OFFLOAD_HELP = ("disk: stream the model's layers from disk while GPTQ/AWQ quantize and evaluate, for models "
+                "bigger than memory (default: the recipe's compute.offload, none)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantize", description=__doc__)
     parser.add_argument("--version", action="version", version=f"quantize {__version__}")
@@ -40,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe", type=Path)
     plan.add_argument("--model", help="use this local fp16 folder instead of the recipe's source")
     plan.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's compute.device, auto)")
+    plan.add_argument("--offload", metavar="none|disk", help=OFFLOAD_HELP)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     release = commands.add_parser("release", help="produce (and publish) the whole release")
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="where variants are made: this process (local, default) or tasks on a Ray cluster")
     release.add_argument("--address", help="the Ray cluster (--executor ray; default: RAY_ADDRESS, as Ray defines it)")
     release.add_argument("--task-cpus", type=float, help="CPUs each Ray task asks for (--executor ray; default 1)")
+    release.add_argument("--offload", metavar="none|disk", help=OFFLOAD_HELP)
     release.add_argument("-v", "--verbose", action="store_true",
                          help="also stream the libraries' output (it always goes to <out>/.work/logs/)")
 
@@ -114,6 +121,17 @@ def print_plan(plan: Plan) -> None:
         parts = ", ".join(f"{a.name} {format_size(a.estimated_bytes())}" for a in sized)
         out.print(f"working files ({parts}): {format_size(plan.working_bytes)}")
     out.print(f"disk needed: {format_size(plan.estimated_disk())}")
+    peak = plan.peak_memory()
+    if peak is not None:
+        table = Table(title=f"memory: ~{gb(peak.bytes)} at peak ({peak.stage}; offload: {plan.recipe.compute.offload})",
+                      title_justify="left")
+        for column in ("Stage", "Peak memory", "Of which"):
+            table.add_column(column, justify="right" if column == "Peak memory" else "left")
+        for m in plan.memory():
+            table.add_row(m.stage, ("~" if not m.mapped else "≤") + gb(m.bytes),
+                          ", ".join(f"{name} {gb(size)}" for name, size in m.parts)
+                          + ("; llama.cpp memory-maps it: runs in less" if m.mapped else ""))
+        out.print(table)
     device = plan.device
     if device is not None:
         out.print(f"device: {device.name} (GPTQ/AWQ quantize in {device.compute_dtype}, evaluate in {device.eval_dtype})")
@@ -122,7 +140,7 @@ def print_plan(plan: Plan) -> None:
 
 
 def cmd_plan(args) -> int:
-    plan = api.plan(args.recipe, args.model, device=args.device)
+    plan = api.plan(args.recipe, args.model, device=args.device, offload=args.offload)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -133,7 +151,7 @@ def cmd_plan(args) -> int:
 def cmd_release(args) -> int:
     if args.dry_run:  # the plan, after every check a real run makes before its work
         plan = api.check(args.recipe, args.out, args.only, args.variants, args.model, device=args.device,
-                         **_executor_args(args))
+                         offload=args.offload, **_executor_args(args))
         print(json.dumps(plan.to_dict(), indent=2)) if args.json else print_plan(plan)
         return 0
     with stdout_to_stderr(), LibraryOutput(verbose=args.verbose) as library_output:
@@ -143,7 +161,7 @@ def cmd_release(args) -> int:
             result = api.release(args.recipe, args.out, args.only, args.variants, args.model,
                                  publish=not args.no_publish, log=progress.log, on_outcome=progress.outcome,
                                  on_start=progress.start, device=args.device, library_output=library_output,
-                                 **_executor_args(args))
+                                 offload=args.offload, **_executor_args(args))
         finally:
             progress.stop()
     if args.json:

@@ -24,7 +24,8 @@ manifest keys of `quality_record`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -34,6 +35,7 @@ import torch
 from .calibration import TokensArtifact
 from .devices import cpu_has_native_bf16
 from .errors import BadInput
+from .memory import give_back
 from .quality import Quality
 from .schema import QualityOptions
 from .stages import Artifact, ArtifactStore
@@ -250,11 +252,50 @@ def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_
 
 
 def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,
-                    device: str = "cpu") -> torch.nn.Module:
+                    device: str = "cpu", offload_folder: Path | None = None) -> torch.nn.Module:
+    """The source model for evaluation; with `offload_folder` its decoder layers stay on disk there
+    (accelerate's disk offload: each layer is read in for its forward pass), the rest on `device`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device,
-                                                trust_remote_code=trust_remote_code).eval()
+    device_map: Any = device
+    if offload_folder is not None:
+        device_map = streamed_device_map(model_path, device, trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map,
+                                                offload_folder=offload_folder, trust_remote_code=trust_remote_code).eval()
+
+
+def streamed_device_map(model_path: Path, device: str, trust_remote_code: bool = False) -> dict[str, str]:
+    """Every decoder layer on "disk", everything else on `device`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        shell = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    layers = next(name for name, module in shell.named_modules()
+                  if isinstance(module, torch.nn.ModuleList) and len(module) == config.num_hidden_layers)
+    return _leaves(shell, {f"{layers}.{index}": "disk" for index in range(config.num_hidden_layers)}, device)
+
+
+def _leaves(shell: torch.nn.Module, layer_map: dict[str, str], device: str) -> dict[str, str]:
+    """A device map covering the whole model: the layers as given, every other top-level part on `device`."""
+    layers_prefix = next(iter(layer_map)).rpartition(".")[0]
+    found = dict(layer_map)
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full == layers_prefix:
+                continue
+            if layers_prefix.startswith(full + "."):
+                visit(full, child)
+            else:
+                found[full] = device
+        for name, _ in module.named_parameters(recurse=False):
+            found[f"{prefix}.{name}" if prefix else name] = device
+
+    visit("", shell)
+    return found
 
 
 # --- the artifact ------------------------------------------------------------------------------
@@ -284,10 +325,15 @@ class FP16Reference(Artifact):
     eval_dtype: str = str(EVAL_DTYPE).removeprefix("torch.")  # the device's evaluation dtype
     device: str = "cpu"  # where: not an input (the dtype is)
     n_vocab: int = 0  # for the plan's size estimate only
+    offload: str = "none"  # disk: the decoder layers stream from disk (not an input: the same figures)
+    peak: Any = field(default=None, compare=False)  # memory.StageMemory: its peak memory, for the plan
 
     @property
     def name(self) -> str:
         return "fp16_reference"
+
+    def memory(self):
+        return self.peak
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.source_identity, "engine": ENGINE, "window": EVAL_WINDOW, "max_windows": self.windows,
@@ -310,12 +356,16 @@ class FP16Reference(Artifact):
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
         windows = evaluation_windows(store.value(self.tokens).evaluation, max_windows=self.windows)
         bos = adds_bos(store.context.tokenizer)
+        offload_folder = folder / "offload" if self.offload == "disk" else None
         model = load_fp16_model(store.context.model_path, store.context.trust_remote_code,
-                                getattr(torch, self.eval_dtype), self.device)
+                                getattr(torch, self.eval_dtype), self.device, offload_folder)
         n_vocab = int(model.get_output_embeddings().weight.shape[0])
         nll: list[float] = []
         write_reference(folder / REFERENCE_FILE, EVAL_WINDOW, n_vocab, windows, reference_rows(model, windows, bos, nll))
         del model
+        give_back()
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
         scored = len(windows) * scored_per_window(EVAL_WINDOW)
         return {"perplexity": math.exp(sum(nll) / scored), "eval_tokens": scored, "windows": len(windows),
                 "window": EVAL_WINDOW, "n_vocab": n_vocab, "bos": bos}
@@ -326,6 +376,7 @@ class FP16Reference(Artifact):
 
 def fp16_reference(recipe: "Recipe", source: "SourceModel") -> FP16Reference:
     """The release's one reference (the same artifact for every format that asks for it)."""
+    from . import memory
     from .calibration import CalibrationTextArtifact
     from .devices import detect, source_dtype
 
@@ -333,7 +384,10 @@ def fp16_reference(recipe: "Recipe", source: "SourceModel") -> FP16Reference:
     device = detect(recipe.compute.device, source_dtype(config), strict=False)  # api.require_device refuses later
     tokens = TokensArtifact(CalibrationTextArtifact(recipe.resolved_calibration()), source.identity)
     n_vocab = int((config or {}).get("vocab_size") or (config or {}).get("text_config", {}).get("vocab_size") or 0)
-    return FP16Reference(tokens, source.identity, recipe.quality.windows, device.eval_dtype, device.name, n_vocab)
+    offload = recipe.compute.offload
+    return FP16Reference(tokens, source.identity, recipe.quality.windows, device.eval_dtype, device.name, n_vocab,
+                         offload, memory.evaluation("fp16_reference", source.facts, device.eval_dtype, EVAL_WINDOW,
+                                                    offload))
 
 
 __all__ = ["FP16Reference", "Quality", "Reference", "ReferenceFile", "dense_linear", "densify_quantized_linears",

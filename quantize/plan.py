@@ -13,6 +13,7 @@ from typing import Any
 from .errors import BadInput
 from .formats import all_formats, get_format
 from .formats.base import Variant
+from .memory import StageMemory
 from .recipe import Recipe
 from .source import SourceModel
 from .stages import Artifact
@@ -59,6 +60,18 @@ class Plan:
         """Disk the cached shared work takes (the f16 GGUF above all); None when it can't be estimated."""
         sizes = [a.estimated_bytes() for a in self.artifacts.values()]
         return sum(sizes) if sizes else 0
+
+    def memory(self) -> list[StageMemory]:
+        """The peak memory of every stage: the shared work, then each variant's own stages (in the
+        order they run); stages that can't be estimated (no config) are left out."""
+        stages = [a.memory() for a in self.artifacts.values()] + [m for v in self.variants for m in v.memory]
+        return [m for m in stages if m is not None]
+
+    def peak_memory(self) -> StageMemory | None:
+        """The stage that needs the most memory (memory-mapped llama.cpp stages only when nothing else)."""
+        stages = self.memory()
+        held = [m for m in stages if not m.mapped] or stages
+        return max(held, key=lambda m: m.bytes, default=None)
 
     @property
     def device(self):
@@ -120,6 +133,9 @@ class Plan:
                           for a in self.artifacts.values()],
             "totals": {**{fmt: self.estimated_total(fmt) for fmt in self.formats},
                        "working_files": self.working_bytes, "disk": self.estimated_disk()},
+            "memory": {"stages": [m.to_dict() for m in self.memory()],
+                       "peak": self.peak_memory().to_dict() if self.peak_memory() else None,
+                       "offload": self.recipe.compute.offload},
             "device": ({"name": self.device.name, "requested": self.device.requested,
                         "compute_dtype": self.device.compute_dtype, "eval_dtype": self.device.eval_dtype,
                         "problem": self.device.problem} if self.device else None),

@@ -18,7 +18,7 @@ from .errors import BadInput, read_user_text
 from .formats import all_formats
 from .schema import HUB_ID, Calibration, CardOptions, Compute, Publish, QualityOptions, Release, Source, Strict
 
-__all__ = ["Recipe", "HUB_ID", "StrictLoader", "load_recipe", "parse_recipe", "with_device", "with_model_path", "yaml_problem"]
+__all__ = ["Recipe", "HUB_ID", "StrictLoader", "load_recipe", "parse_recipe", "with_compute", "with_device", "with_model_path", "yaml_problem"]
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -139,8 +139,18 @@ def with_model_path(recipe: Recipe, model_path: str | Path) -> Recipe:
 
 def with_device(recipe: Recipe, device: str) -> Recipe:
     """The recipe with `compute.device` replaced (`--device`)."""
+    return with_compute(recipe, device=device)
+
+
+def with_compute(recipe: Recipe, **options: str | None) -> Recipe:
+    """The recipe with `compute` settings replaced by the command line's (`--device`, `--offload`)."""
+    given = {name: value for name, value in options.items() if value is not None}
+    if not given:
+        return recipe
     try:
-        compute = Compute(device=device)
+        compute = Compute(**{**recipe.compute.model_dump(), **given})
     except ValidationError as exc:
-        raise BadInput(f"--device: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        error = exc.errors()[0]
+        flag = f"--{error['loc'][0]}" if error.get("loc") else "compute"
+        raise BadInput(f"{flag}: {error['msg'].removeprefix('Value error, ')}") from None
     return recipe.model_copy(update={"compute": compute})

@@ -285,6 +285,9 @@ class Compute(Strict):
     """Where GPTQ/AWQ quantize, verify and evaluate (see quantize/devices.py); `--device` overrides it."""
 
     device: str = "auto"  # auto (cuda:0 when CUDA is available, else cpu), cpu, cuda or cuda:N
+    # none: the model is held in memory while GPTQ/AWQ quantize and evaluate; disk: its layers are
+    # streamed from disk (GPTQModel's offload_to_disk, accelerate's disk offload), for models bigger than RAM
+    offload: Literal["none", "disk"] = "none"
 
     @field_validator("device")
     @classmethod

@@ -85,6 +85,10 @@ class Artifact(ABC):
         """Disk the cached result takes, for the plan."""
         return 0
 
+    def memory(self):
+        """The peak memory computing it takes (memory.StageMemory), for the plan; None: nothing notable."""
+        return None
+
     @abstractmethod
     def compute(self, store: "ArtifactStore", folder: Path) -> Any:
         """Write the result's files into `folder` (empty); return a JSON-able value."""

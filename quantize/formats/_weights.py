@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from .. import memory
 from ..calibration import WindowsArtifact
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
@@ -113,10 +114,11 @@ class WeightFormatPlugin(Format):
         repo_id = recipe.release.repo_id(self.title)
         calibration = recipe.resolved_calibration()
         from ..devices import detect, source_dtype
-        from ..evaluate import fp16_reference
+        from ..evaluate import EVAL_WINDOW, fp16_reference
 
         device = detect(recipe.compute.device, source_dtype(source.facts.config if source.facts else None),
                         strict=False)  # a release refuses a device it can't have (executors.require_device)
+        offload = recipe.compute.offload
         reference = fp16_reference(recipe, source)
         tokens = reference.tokens
         variants = []
@@ -124,13 +126,24 @@ class WeightFormatPlugin(Format):
             check_group_divides(self.name, index, spec.group_size, source.facts)
             calib = calibration.model_copy(update={"seq_len": spec.seq_len or calibration.seq_len})
             windows = WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed)
+            variant_id = f"{self.name}/{branch}"
+            size = weight_bytes(source.facts, spec.bits, spec.group_size)
+            stages = (self.quantize_memory(variant_id, index, spec, calib, source, device, offload),
+                      memory.evaluation(f"{variant_id}: verify", source.facts, device.eval_dtype, EVAL_WINDOW,
+                                        offload, size or 0))
             variants.append(Variant(
-                id=f"{self.name}/{branch}", format=self.name, repo_id=repo_id, branch=branch, name=branch,
+                id=variant_id, format=self.name, repo_id=repo_id, branch=branch, name=branch,
                 spec=spec, calibration=calib, description=spec.description or spec.default_description(),
-                estimated_bytes=weight_bytes(source.facts, spec.bits, spec.group_size),
-                subdir=self.output_subdir(branch), source_identity=source.identity,
-                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device))
+                estimated_bytes=size, subdir=self.output_subdir(branch), source_identity=source.identity,
+                needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device,
+                offload=offload, memory=tuple(m for m in stages if m is not None)))
         return variants
+
+    def quantize_memory(self, variant_id: str, index: int, spec: WeightVariantSpec, calib, source: "SourceModel",
+                        device: "Device", offload: str):
+        """The peak memory of quantizing one permutation (memory.StageMemory): GPTQModel's layer loop."""
+        return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
+                                    offload)
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
                     device: "Device") -> tuple:

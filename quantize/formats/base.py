@@ -21,6 +21,7 @@ from ..stages import Artifact, ArtifactStore, content_key
 
 if TYPE_CHECKING:
     from ..devices import Device
+    from ..memory import StageMemory
     from ..plan import Plan
     from ..recipe import Recipe
     from ..schema import Calibration
@@ -59,6 +60,8 @@ class Variant:
     needs: tuple[Artifact, ...] = ()  # shared work it is made from
     file_name: str | None = None  # single-file formats (GGUF)
     device: "Device | None" = None  # where (and in which dtypes) it is computed, for formats that use one
+    offload: str = "none"  # compute.offload: "disk" streams the layers from disk (not in the digest: same bytes)
+    memory: tuple["StageMemory", ...] = ()  # the peak memory of each of its own stages (quantize/memory.py)
 
     @property
     def compute_dtype(self) -> str | None:
@@ -90,7 +93,7 @@ class Variant:
         return {"id": self.id, "format": self.format, "repo_id": self.repo_id, "branch": self.branch,
                 "file_name": self.file_name, "params": self.params, "calibration": self.calibration_summary,
                 "description": self.description, "estimated_bytes": self.estimated_bytes,
-                "needs": [a.name for a in self.needs],
+                "needs": [a.name for a in self.needs], "memory": [m.to_dict() for m in self.memory],
                 **({"device": self.device.name, "compute_dtype": self.device.compute_dtype,
                     "eval_dtype": self.device.eval_dtype} if self.device else {})}
 

@@ -19,12 +19,13 @@ import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .. import memory
 from ..calibration import CALIBRATION_FILE, CalibrationTextArtifact
 from ..engines.llamacpp import (LlamaCpp, convert_command, find_llama_cpp, imatrix_command, kl_divergence_command,
                                 parse_fallbacks, parse_kl_divergence, quantize_command, registered_architectures,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 HUB = "https://huggingface.co"
 CONTEXT_TOKENS = 512  # llama.cpp's usual window for imatrix and perplexity, so figures compare across releases
 ENGINE = "llama.cpp"
-JOB_MEMORY_MARGIN = 512 * 1024 * 1024  # per llama-quantize process, on top of the source file
 LOGS_SUBDIR = "gguf/logs"  # below <out>/.work: every tool's full output
 FLOAT_BITS = 16
 PREFERRED_EXAMPLE = "Q4_K_M"  # the type the card's examples use when the release has it
@@ -224,10 +224,14 @@ class GGUFConversion(Artifact):
     file_name: str
     metadata: dict[str, Any]  # the converter's --metadata overrides
     estimated: int = 0
+    peak: Any = field(default=None, compare=False)  # memory.StageMemory, for the plan
 
     @property
     def name(self) -> str:
         return "gguf_convert"
+
+    def memory(self):
+        return self.peak
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.source_identity, "outtype": self.outtype, "file": self.file_name,
@@ -264,6 +268,9 @@ class ImportanceMatrix(Artifact):
     def name(self) -> str:
         return "gguf_imatrix"
 
+    def memory(self):
+        return memory.llama_tool(self.name, self.conversion.estimated)
+
     def inputs(self) -> dict[str, Any]:
         return {"chunks": self.chunks, "context": CONTEXT_TOKENS, "file": self.file_name}
 
@@ -294,6 +301,9 @@ class GGUFReference(Artifact):
     @property
     def name(self) -> str:
         return "gguf_reference"
+
+    def memory(self):
+        return memory.llama_tool(self.name, self.conversion.estimated)
 
     def inputs(self) -> dict[str, Any]:
         return {"context": CONTEXT_TOKENS, "engine": ENGINE}
@@ -345,20 +355,10 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def quantize_parallelism(jobs: int, source_bytes: int) -> tuple[int, int]:
     """(processes, threads each): up to one process per core, as many as memory holds."""
     cores = cpu_count()
-    by_memory = max(1, available_memory() // (source_bytes + JOB_MEMORY_MARGIN))
+    by_memory = max(1, memory.available_memory() // (source_bytes + memory.TOOL_BYTES))
     processes = max(1, min(cores, jobs, by_memory))
     return processes, max(1, cores // processes)
 
@@ -518,8 +518,9 @@ class GGUFFormat(Format):
         spec: GGUFSpec = recipe.gguf
         release = recipe.release
         params_count = source.facts.param_count if source.facts else None
+        converted_bytes = int(params_count * FLOAT_BITS / 8) if params_count else 0
         conversion = GGUFConversion(source.identity, spec.outtype, f"{release.basename}.{spec.outtype.upper()}.gguf",
-                                    gguf_metadata(recipe), int(params_count * FLOAT_BITS / 8) if params_count else 0)
+                                    gguf_metadata(recipe), converted_bytes, memory.gguf_conversion(source.facts))
         calibration = recipe.resolved_calibration()
         text = CalibrationTextArtifact(calibration)
         imatrix = (ImportanceMatrix(conversion, text, spec.imatrix_chunks, f"{release.basename}.imatrix.gguf")
@@ -530,6 +531,9 @@ class GGUFFormat(Format):
         variants = []
         for type_name in spec.types:
             facts = GGUF_TYPES[type_name]
+            size = int(params_count * facts.bpw / 8) if params_count else None
+            stages = (memory.llama_tool(f"gguf/{type_name}: quantize", converted_bytes + (size or 0)),
+                      memory.llama_tool(f"gguf/{type_name}: perplexity", size))
             params = GGUFVariant(type=type_name, imatrix=spec.imatrix, imatrix_chunks=spec.imatrix_chunks,
                                  outtype=spec.outtype, split_max_size_gb=release.split_max_size_gb,
                                  license=recipe.source.license)
@@ -537,10 +541,9 @@ class GGUFFormat(Format):
                 id=f"gguf/{type_name}", format=self.name, repo_id=release.repo_id(self.title), branch="main",
                 name=type_name, spec=params, calibration=calibration if spec.imatrix else None,
                 description=facts.use_case,
-                estimated_bytes=int(params_count * facts.bpw / 8) if params_count else None,
-                subdir=self.output_subdir("main"), source_identity=source.identity,
+                estimated_bytes=size, subdir=self.output_subdir("main"), source_identity=source.identity,
                 needs=tuple(a for a in (conversion, imatrix, reference) if a is not None),
-                file_name=gguf_file_name(release.basename, type_name)))
+                file_name=gguf_file_name(release.basename, type_name), memory=tuple(m for m in stages if m)))
         return variants
 
     def backend(self, context: ReleaseContext) -> GGUFBackend:

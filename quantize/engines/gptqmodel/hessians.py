@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +205,14 @@ class GPTQHessians(Artifact):
     estimated: int = 0
     dtype: str = "float32"  # the dtype the model computes in (the device's compute dtype; sums are float32)
     device: str = "cpu"  # where: not an input (the same dtype gives the same Hessians)
+    peak: Any = field(default=None, compare=False)  # memory.StageMemory: the capture's peak memory, for the plan
 
     @property
     def name(self) -> str:
         return f"gptq_hessians_{self.windows.seq_len}"
+
+    def memory(self):
+        return self.peak
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.source_identity, "dtype": self.dtype, "version": 1}

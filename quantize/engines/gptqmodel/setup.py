@@ -52,12 +52,18 @@ def load_unquantized(model_path, dtype: str, quantize_config=None, trust_remote_
                           **extra)
 
 
-def quantize_config(settings: dict, device: str | None = None):
-    """GPTQModel's QuantizeConfig for a variant's settings, computing on `device` when it is a GPU."""
+def quantize_config(settings: dict, device: str | None = None, offload_folder=None):
+    """GPTQModel's QuantizeConfig for a variant's settings, computing on `device` when it is a GPU.
+
+    With `offload_folder` the layers stream from disk (its offload_to_disk: a meta-device shell whose
+    layers its lazy "turtle" source reads from the checkpoint one at a time, and finished layers
+    written to `offload_folder`)."""
     from gptqmodel import QuantizeConfig
 
     on_gpu = {"device": device} if device and device.startswith("cuda") else {}
-    return QuantizeConfig(**settings, offload_to_disk=False, **on_gpu)
+    offload = ({"offload_to_disk": True, "offload_to_disk_path": str(offload_folder)} if offload_folder
+               else {"offload_to_disk": False})
+    return QuantizeConfig(**settings, **offload, **on_gpu)
 
 
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents

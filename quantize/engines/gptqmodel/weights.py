@@ -8,8 +8,8 @@ need (calibration windows, the fp16 reference) comes from the release's artifact
 
 from __future__ import annotations
 
-import gc
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +20,7 @@ from ...devices import Device
 from ...errors import BadInput, WorkFailed
 from ...formats.base import Backend, Produced, Variant
 from ...manifest import package_versions
+from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
@@ -29,6 +30,7 @@ from .verify import check_release_folder, generate_check, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
 SAVE_SUBDIR = ".gptqmodel-save"  # inside the staging folder; removed once the release files are out
+OFFLOAD_SUBDIR = "offload"  # <out>/.work/offload/<variant id>: GPTQModel's finished layers while streaming
 TOOL_PACKAGES = ("gptqmodel", "optimum", "accelerate", "safetensors", "tokenizers")
 
 
@@ -44,8 +46,10 @@ class WeightFormat:
 
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
-    def quantize_config(self, spec: Any, device: Device | None = None):
-        return quantize_config(self.quantize_settings(spec), device.name if device is not None else None)
+    def quantize_config(self, spec: Any, device: Device | None = None, offload_folder: Path | None = None):
+        """GPTQModel's settings (setup.quantize_config); with `offload_folder` the layers stream from disk."""
+        return quantize_config(self.quantize_settings(spec), device.name if device is not None else None,
+                               offload_folder)
 
     def backend_for(self, device: Device | None) -> str:
         """GPTQModel's kernels for quantizing: its own choice (GPU kernels) on a GPU."""
@@ -144,22 +148,32 @@ class GPTQModelBackend(Backend):
             batch = calibration_batch(store.value(windows))
         device = variant.device or CPU
         dtype = device.compute_dtype
-        with clock.stage("load"):
-            model = load_unquantized(self.context.model_path, dtype, fmt.quantize_config(spec, device),
-                                     self.context.trust_remote_code, device.name)
-        hessians = needed(variant, GPTQHessians, required=False)
-        if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
-            folder = store.get(hessians).folder
-            with clock.stage("quantize"):
-                quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
-        else:
-            with clock.stage("quantize"), awq_fixes():
-                model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
-        damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
-        with clock.stage("save"):
-            self._save(model, staging, spec)
-        del model, batch
-        gc.collect()
+        with clock.stage("baseline"):  # before the model is loaded: one model in memory at a time
+            from ...evaluate import FP16Reference
+
+            store.get(needed(variant, FP16Reference))
+        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if variant.offload == "disk" else None
+        try:
+            with clock.stage("load"):
+                model = load_unquantized(self.context.model_path, dtype,
+                                         fmt.quantize_config(spec, device, offload_folder),
+                                         self.context.trust_remote_code, device.name)
+            hessians = needed(variant, GPTQHessians, required=False)
+            if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
+                folder = store.get(hessians).folder
+                with clock.stage("quantize"):
+                    quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
+            else:
+                with clock.stage("quantize"), awq_fixes():
+                    model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
+            damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
+            with clock.stage("save"):
+                self._save(model, staging, spec)
+            del model, batch
+            give_back()
+        finally:
+            if offload_folder is not None:
+                shutil.rmtree(offload_folder, ignore_errors=True)
         quality = self._verify(variant, staging, clock)
         tokens = store.value(windows.tokens)
         text = store.value(windows.tokens.text)
@@ -192,12 +206,12 @@ class GPTQModelBackend(Backend):
         with clock.stage("baseline"):
             artifact = needed(variant, FP16Reference)
             reference = store.value(artifact)
-        with clock.stage("evaluate"):
-            with eager_torch():
+        with clock.stage("evaluate"), eager_torch():
+            if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
                 densify_quantized_linears(model, device.torch_dtype("eval"))
             quality = score_windows(model, reference.file, reference.bos, reference.perplexity)
         del model
-        gc.collect()
+        give_back()
         if not quality.perplexity < float("inf"):
             raise WorkFailed(f"the quantized model's perplexity is not finite ({quality.perplexity})")
         text = store.value(artifact.tokens.text)

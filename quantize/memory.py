@@ -1,0 +1,273 @@
+"""How much memory each stage of a release needs at its peak, and whether this machine has it.
+
+One place for the formulas (the plan shows them, `release` refuses to start when a stage can't
+fit). They count the model's own bytes in the dtype each stage holds them in, from config.json's
+shapes (source.ModelFacts), plus what every process pays regardless of the model (torch,
+transformers, GPTQModel: RUNTIME_BYTES, measured) and the per-stage working set (Hessians,
+calibration activations, logits). `scripts/bench_memory.py` measures them against real runs.
+
+Without streaming (`compute.offload: none`) GPTQModel holds the whole model in the compute dtype
+while it quantizes (float32 on a CPU: twice the fp16 size), and evaluation holds the fp16 model
+(or the quantized one, made dense) in the evaluation dtype. With `compute.offload: disk` the
+decoder layers stay on disk: GPTQModel's lazy "turtle" source reads one layer at a time from the
+checkpoint and writes finished layers back to disk, and evaluation streams the layers through
+accelerate's disk offload; what stays resident is the embeddings and head, one layer in the
+compute dtype, its Hessians and the calibration activations.
+
+llama.cpp's tools memory-map their model file: they run in less memory than its size (the kernel
+pages it in and out, more slowly), so their stages are shown but never refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .plan import Plan
+    from .source import ModelFacts
+
+GB = 1e9
+OFFLOADS = ("none", "disk")
+# What a quantize process holds whatever the model's size: Python, torch, transformers, GPTQModel,
+# the tokenizer and calibration text, and freed memory glibc keeps. Measured on this project's CPU
+# machine: the intercept of scripts/bench_memory.py's peaks against the model's size (1.5-1.7 GB).
+RUNTIME_BYTES = int(1.6 * GB)
+TOOL_BYTES = 512 * 1024 * 1024  # a llama.cpp tool besides its model file (context, compute buffers)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+SOURCE_BYTES_PER_WEIGHT = 2  # an fp16/bf16 source
+HESSIAN_BYTES = 4  # GPTQ's Hessians and solves are float32 whatever the compute dtype
+SKIP_CHECK_ENV = "QUANTIZE_SKIP_RESOURCE_CHECK"  # 1: start even when the estimates say it won't fit
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """A stage's peak memory: `bytes` in all (RUNTIME_BYTES included) and what it is made of."""
+
+    stage: str  # "gptq/main: quantize", "fp16_reference", "gguf/Q4_K_M: quantize"
+    bytes: int
+    parts: tuple[tuple[str, int], ...] = ()
+    mapped: bool = False  # a memory-mapped model file (llama.cpp): runs in less, never refused
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "bytes": self.bytes, "parts": dict(self.parts), "mapped": self.mapped}
+
+
+def stage(name: str, parts: dict[str, int], mapped: bool = False, runtime: int = RUNTIME_BYTES) -> StageMemory:
+    """A stage of `parts` (name -> bytes) plus what its process holds anyway (`runtime`)."""
+    parts = {k: int(v) for k, v in {"runtime": runtime, **parts}.items() if v}
+    return StageMemory(name, sum(parts.values()), tuple(parts.items()), mapped)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes the formulas need, from config.json."""
+
+    params: int  # every weight
+    linear_params: int  # the decoder's Linear layers
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    widest_input: int  # the widest Linear input (the largest Hessian's side)
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, head and norms: what GPTQ/AWQ leave unquantized."""
+        return self.params - self.linear_params
+
+    @property
+    def layer_params(self) -> int:
+        return self.linear_params // max(self.layers, 1)
+
+
+def shapes(facts: "ModelFacts | None") -> Shapes | None:
+    from .source import config_value
+
+    if not facts or not facts.param_count or not facts.linear_param_count:
+        return None
+    config = facts.config
+    hidden = config_value(config, "hidden_size")
+    layers = config_value(config, "num_hidden_layers")
+    vocab = config_value(config, "vocab_size")
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, vocab)):
+        return None
+    intermediate = config_value(config, "intermediate_size") or 4 * hidden
+    return Shapes(facts.param_count, facts.linear_param_count, layers, hidden, intermediate, vocab,
+                  max(facts.linear_in_features or (hidden,)))
+
+
+def activations(s: Shapes, samples: int, seq_len: int, dtype_bytes: int) -> int:
+    """GPTQModel's cached layer inputs and outputs for every calibration sample, and one sample's
+    MLP intermediates."""
+    return (2 * samples * seq_len * s.hidden + 3 * seq_len * s.intermediate) * dtype_bytes
+
+
+def layer_solve(s: Shapes) -> int:
+    """One decoder layer's GPTQ work: the Hessians of the Linear layers solved together (q/k/v read
+    one input, each keeps its own H), their inverse and the float32 weights, quantized copy and error."""
+    hessians = max(3 * s.hidden ** 2, 2 * s.hidden ** 2, s.widest_input ** 2) * HESSIAN_BYTES
+    weights = 3 * s.layer_params * HESSIAN_BYTES // 2  # roughly half the layer's weights at a time, x3
+    return hessians + s.widest_input ** 2 * HESSIAN_BYTES + weights
+
+
+def logits(s: Shapes, window: int) -> int:
+    return 2 * window * s.vocab * 4  # the logits and their float32 copy for the loss
+
+
+def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, samples: int, seq_len: int,
+                  offload: str) -> StageMemory | None:
+    """GPTQ or AWQ in GPTQModel's layer-by-layer loop."""
+    s = shapes(facts)
+    if s is None:
+        return None
+    c = DTYPE_BYTES.get(compute_dtype, 4)
+    model = s.other_params * c + (2 * s.layer_params * c if offload == "disk" else s.linear_params * c)
+    return stage(f"{name}: quantize", {"model": model, "layer solve": layer_solve(s),
+                                       "calibration activations": activations(s, samples, seq_len, c)})
+
+
+def hessian_capture(facts: "ModelFacts | None", compute_dtype: str, seq_len: int, hessian_bytes: int) -> StageMemory | None:
+    """The shared-Hessian pass: the whole model in the compute dtype and every layer's Hessian sums."""
+    s = shapes(facts)
+    if s is None:
+        return None
+    c = DTYPE_BYTES.get(compute_dtype, 4)
+    return stage(f"gptq_hessians_{seq_len}", {"model": s.params * c, "hessians": hessian_bytes,
+                                             "activations": activations(s, 1, seq_len, c)})
+
+
+def solve_from_hessians(name: str, facts: "ModelFacts | None", compute_dtype: str, hessian_bytes: int) -> StageMemory | None:
+    """A permutation solved from the shared Hessians: the whole model and every Hessian loaded."""
+    s = shapes(facts)
+    if s is None:
+        return None
+    c = DTYPE_BYTES.get(compute_dtype, 4)
+    return stage(f"{name}: quantize", {"model": s.params * c, "hessians": hessian_bytes, "layer solve": layer_solve(s)})
+
+
+def evaluation(name: str, facts: "ModelFacts | None", eval_dtype: str, window: int, offload: str,
+               quantized_bytes: int | None = None) -> StageMemory | None:
+    """Perplexity with transformers: the fp16 model (`quantized_bytes` None) or a quantized variant
+    (its files' bytes), in the evaluation dtype. Quantized layers are made dense for speed unless
+    streaming; streaming keeps the decoder layers on disk (the fp16 model) or packed (a variant)."""
+    s = shapes(facts)
+    if s is None:
+        return None
+    c = DTYPE_BYTES.get(eval_dtype, 4)
+    other = s.other_params * c
+    if quantized_bytes is None:
+        linears = 2 * s.layer_params * c if offload == "disk" else s.linear_params * c
+        parts = {"model": other + linears}
+    else:
+        packed = max(0, quantized_bytes - s.other_params * SOURCE_BYTES_PER_WEIGHT)
+        parts = {"model": other + packed, "dense layers": 0 if offload == "disk" else s.linear_params * c}
+    return stage(name, {**parts, "logits": logits(s, window),
+                        "activations": activations(s, 1, window, c)})
+
+
+def llama_tool(name: str, model_file_bytes: int | None) -> StageMemory | None:
+    if not model_file_bytes:
+        return None
+    return stage(name, {"model file (memory-mapped)": model_file_bytes, "tool": TOOL_BYTES},
+                 mapped=True, runtime=0)
+
+
+def gguf_conversion(facts: "ModelFacts | None") -> StageMemory | None:
+    """convert_hf_to_gguf.py: lazy tensors, written one at a time; the largest is the embedding."""
+    s = shapes(facts)
+    if s is None:
+        return None
+    return stage("gguf_convert", {"converter": TOOL_BYTES, "largest tensor": 3 * s.vocab * s.hidden * 4},
+                 mapped=True, runtime=0)
+
+
+def offload_scratch(facts: "ModelFacts | None") -> int:
+    """Disk that streaming needs while it works: the decoder layers in float32 for accelerate's disk
+    offload (written once, removed after the evaluation) and GPTQModel's finished layers."""
+    s = shapes(facts)
+    return s.linear_params * 4 if s else 0
+
+
+def give_back() -> None:
+    """Free what the last model left (cycles included) and hand freed heap memory back to the system.
+
+    glibc keeps freed blocks in its heap (torch's large CPU tensors come from it once its mmap
+    threshold has risen), so without `malloc_trim` a variant's freed model stays in the process's
+    RSS while the next variant loads its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# --- what this machine has --------------------------------------------------------------------
+
+def available_memory() -> int:
+    """Memory a new allocation can get without swapping (MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_disk(folder: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) `folder`."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            return shutil.disk_usage(path).free
+    return shutil.disk_usage("/").free
+
+
+def gb(num_bytes: int | float) -> str:
+    return f"{num_bytes / GB:.1f} GB" if num_bytes >= GB else f"{num_bytes / GB:.2f} GB"
+
+
+def check_resources(plan: "Plan", out_dir: Path, pending: Iterable[str] | None = None) -> None:
+    """BadInput (one line naming the figure) when a stage the run will make needs more memory than is
+    available, or its files and work files more disk than is free where the output goes. `pending`:
+    the ids of the variants not finished yet (default: all); work files already cached count as made.
+    Skipped with QUANTIZE_SKIP_RESOURCE_CHECK=1."""
+    from dataclasses import replace
+
+    from .stages import RECORD_FILE, WORK_DIR
+
+    if os.environ.get(SKIP_CHECK_ENV, "").strip() not in ("", "0"):
+        return
+    wanted = set(pending) if pending is not None else {v.id for v in plan.variants}
+    todo = replace(plan, variants=[v for v in plan.variants if v.id in wanted])
+    if not todo.variants:
+        return
+    held = [m for m in todo.memory() if not m.mapped]
+    if held:
+        top = max(held, key=lambda m: m.bytes)
+        have = available_memory()
+        if top.bytes > have:
+            hint = ("free memory" if plan.recipe.compute.offload == "disk"
+                    else "set compute.offload: disk (or --offload disk) or free memory")
+            raise BadInput(f"{top.stage} needs ~{gb(top.bytes)} of memory, {gb(have)} available; {hint} "
+                           f"({SKIP_CHECK_ENV}=1 to try anyway)")
+    files = todo.estimated_total()
+    if files is None:
+        return
+    work = sum(a.estimated_bytes() for a in todo.artifacts.values()
+               if not (Path(out_dir) / WORK_DIR / a.name / RECORD_FILE).is_file())
+    if plan.recipe.compute.offload == "disk" and any(v.device is not None for v in todo.variants):
+        work += offload_scratch(plan.source.facts)
+    free = free_disk(out_dir)
+    if files + work > free:
+        raise BadInput(f"the release needs ~{gb(files + work)} of disk ({gb(files)} of files, {gb(work)} of work "
+                       f"files), {gb(free)} free for {out_dir}; free space or choose another --out "
+                       f"({SKIP_CHECK_ENV}=1 to try anyway)")
