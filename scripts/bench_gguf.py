@@ -19,10 +19,8 @@ import os
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,11 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if (REPO.parent / "shared" / "data" / "wikitext-2").is_dir():
     os.environ.setdefault("QUANTIZE_WIKITEXT_DIR", str(REPO.parent / "shared" / "data" / "wikitext-2"))
 
-from quantize.plan import build_plan  # noqa: E402
 from quantize.quant_types import GGUF_LADDER  # noqa: E402
-from quantize.recipe import load_recipe  # noqa: E402
-from quantize.runner import run_plan  # noqa: E402
-from quantize.source import inspect_source  # noqa: E402
+
+from bench_common import run_recipe, smollm2_source  # noqa: E402
 
 MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off the Q4_1 grid (README)
 SHARED_STAGES = ("gguf_convert_shared", "gguf_imatrix_shared", "fp16_reference_shared", "gguf_reference_shared")
@@ -56,8 +52,7 @@ def recipe_for(args: argparse.Namespace, imatrix: bool) -> dict:
     if imatrix and args.imatrix_chunks:
         gguf["imatrix_chunks"] = args.imatrix_chunks
     return {
-        "source": {"path": str(args.model.resolve()), "name": "SmolLM2 135M Instruct", "creator": "Hugging Face",
-                   "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+        "source": smollm2_source(args.model),
         "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
         "calibration": {"dataset": "wikitext", "held_out": args.held_out},
         "gguf": gguf,
@@ -65,19 +60,10 @@ def recipe_for(args: argparse.Namespace, imatrix: bool) -> dict:
 
 
 def run_release(args: argparse.Namespace, imatrix: bool) -> tuple[list, float]:
-    folder = args.out / ("imatrix" if imatrix else "plain")
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe_path = folder / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe_for(args, imatrix), sort_keys=False))
-    recipe = load_recipe(recipe_path)
-    started = time.monotonic()
-    outcomes = run_plan(build_plan(recipe, inspect_source(recipe)), folder / "out", log=lambda line: print("  " + line))
-    failed = [f"{o.variant.id}: {o.error}" for o in outcomes if o.status == "failed"]
-    if failed:
-        raise SystemExit("failed:\n" + "\n".join(failed))
+    outcomes, seconds = run_recipe(args.out / ("imatrix" if imatrix else "plain"), recipe_for(args, imatrix))
     if all(o.status == "skipped" for o in outcomes):
         print("  (every type was already made: figures below are from that run; use --fresh to time again)")
-    return [o.manifest for o in outcomes], time.monotonic() - started
+    return [o.manifest for o in outcomes], seconds
 
 
 def fallback_count(manifest) -> str:

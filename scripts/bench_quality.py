@@ -21,21 +21,17 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quantize.card.chart import ChartPoint, render_chart  # noqa: E402
-from quantize.plan import build_plan  # noqa: E402
 from quantize.quant_types import GGUF_LADDER  # noqa: E402
-from quantize.recipe import load_recipe  # noqa: E402
-from quantize.runner import run_plan  # noqa: E402
-from quantize.source import inspect_source  # noqa: E402
+
+from bench_common import run_recipe, smollm2_source  # noqa: E402
 
 MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"
 # SmolLM2-135M's width is 576: group sizes 32 and 64 divide it, 128 does not.
@@ -60,9 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 def recipe_for(args: argparse.Namespace, imatrix: bool) -> dict:
     recipe = {
-        "source": {"path": str(args.model.resolve()), "name": "SmolLM2 135M Instruct (fair)",
-                   "creator": "Hugging Face", "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                   "license": "apache-2.0"},
+        "source": smollm2_source(args.model, "SmolLM2 135M Instruct (fair)"),
         "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
         "calibration": {"dataset": "wikitext", "samples": args.samples, "seq_len": 512, "held_out": args.held_out},
         "quality": {"max_kld": 100.0},  # measure every type, Q2_K without an importance matrix included
@@ -75,18 +69,8 @@ def recipe_for(args: argparse.Namespace, imatrix: bool) -> dict:
 
 
 def run_release(args: argparse.Namespace, imatrix: bool) -> list:
-    folder = args.out / ("imatrix" if imatrix else "plain")
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe_path = folder / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe_for(args, imatrix), sort_keys=False))
-    recipe = load_recipe(recipe_path)
-    started = time.monotonic()
-    outcomes = run_plan(build_plan(recipe, inspect_source(recipe)), folder / "out",
-                        log=lambda line: print("  " + line, flush=True))
-    failed = [f"{o.variant.id}: {o.error}" for o in outcomes if o.status == "failed"]
-    if failed:
-        raise SystemExit("failed:\n" + "\n".join(failed))
-    print(f"  {len(outcomes)} variants in {time.monotonic() - started:.0f} s", flush=True)
+    outcomes, seconds = run_recipe(args.out / ("imatrix" if imatrix else "plain"), recipe_for(args, imatrix))
+    print(f"  {len(outcomes)} variants in {seconds:.0f} s", flush=True)
     return [o.manifest for o in outcomes]
 
 
