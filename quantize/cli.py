@@ -205,7 +205,7 @@ def cmd_card(args) -> int:
             if args.dry_run and update.diff:
                 out.print(update.diff, markup=False, end="")
             state = "changed" if update.changed else "unchanged"
-            err.print(f"{args.from_hub}@{update.branch}: README.md {state}"
+            err.print(f"{args.from_hub}@{update.branch}: card (README.md, chart) {state}"
                       + (" (dry run: not pushed)" if args.dry_run and update.changed else ""))
         return 0
     if args.recipe is None:

@@ -149,7 +149,7 @@ def test_card_from_hub_rebuilds_and_pushes_only_readme(hub, recording, hub_recip
         assert hub.files(repo, branch)["README.md"] == good
     assert len(hub.lfs_upload_puts()) == puts  # no weights sent
     assert main(["card", "--from-hub", repo]) == 0
-    assert "README.md unchanged" in capsys.readouterr().err
+    assert "card (README.md, chart) unchanged" in capsys.readouterr().err
 
 
 def test_card_from_hub_on_a_repo_without_records(hub, capsys):
