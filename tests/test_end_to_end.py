@@ -13,6 +13,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 from quantize.cli import main
 from quantize.manifest import read_manifest, sha256_file
+from quantize.card.chart import CHART_FILE
 from quantize.publish.layout import RECORD_FILE
 
 from .conftest import tiny_recipe
@@ -54,7 +55,7 @@ def test_tiny_model_release_to_the_hub(hub, tiny_model, tmp_path, capsys):
     for variant in summary["variants"]:
         manifest = read_manifest(out, variant["id"])
         on_branch = set(hub.files(manifest.repo_id, manifest.branch))
-        expected = {manifest.repo_path(f) for f in manifest.files} | {".gitattributes", "README.md", RECORD_FILE}
+        expected = {manifest.repo_path(f) for f in manifest.files} | {".gitattributes", "README.md", RECORD_FILE, CHART_FILE}
         if manifest.format == "gguf":
             expected |= {f"Tiny-Llama.{t}.gguf" for t in ("Q4_K_M", "Q8_0")}
         assert on_branch == expected, variant["id"]

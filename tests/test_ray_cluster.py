@@ -8,6 +8,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,16 +77,14 @@ def hashes(out: Path, summary: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def local_run(recipe, tmp_path_factory):
-    """The reference: the local executor, torch pinned to one thread like each one-CPU Ray task."""
-    import torch
-
+    """The reference: the local executor in a fresh process, torch on one thread like each one-CPU
+    Ray task (thread counts can change float32 results; so can what earlier tests left in this
+    process: a fresh process starts from the state a Ray worker starts from)."""
     out = tmp_path_factory.mktemp("local") / "out"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["release", str(recipe), "--out", str(out), "--no-publish"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", "import sys; from quantize.cli import main; sys.exit(main(sys.argv[1:]))",
+               "release", str(recipe), "--out", str(out), "--no-publish"]
+    assert subprocess.run(command, env=env, cwd=REPO).returncode == 0
     return out
 
 
