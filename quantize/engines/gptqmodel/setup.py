@@ -36,20 +36,23 @@ def eager_torch() -> Iterator[None]:
         yield
 
 
-def load_unquantized(model_path, dtype: str, quantize_config=None, trust_remote_code: bool = False,
+def on_gpu(device: str | None) -> dict[str, str]:
+    """GPTQModel's `device` keyword for a GPU; nothing on the CPU, whose path stays exactly as it always was."""
+    return {"device": device} if device and device.startswith("cuda") else {}
+
+
+def load_unquantized(model_path, dtype: str, config=None, trust_remote_code: bool = False,
                      device: str | None = None):
-    """The fp16 model from disk as GPTQModel's wrapper, computing in `dtype` (on `device` when it is a GPU)."""
+    """The fp16 model from disk as GPTQModel's wrapper, computing in `dtype` (on `device` when it is a GPU);
+    `config` is GPTQModel's QuantizeConfig (`quantize_config`), else 4-bit g128 settings."""
     import torch
 
     import_gptqmodel()
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import GPTQModel
 
-    on_gpu = bool(device and device.startswith("cuda"))
-    config = quantize_config or QuantizeConfig(bits=4, group_size=128, offload_to_disk=False,
-                                               **({"device": device} if on_gpu else {}))
-    extra = {"device": device} if on_gpu else {}  # the CPU path stays exactly as it always was
+    config = config or quantize_config({"bits": 4, "group_size": 128}, device)
     return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-                          **extra)
+                          **on_gpu(device))
 
 
 def quantize_config(settings: dict, device: str | None = None, offload_folder=None):
@@ -60,10 +63,9 @@ def quantize_config(settings: dict, device: str | None = None, offload_folder=No
     written to `offload_folder`)."""
     from gptqmodel import QuantizeConfig
 
-    on_gpu = {"device": device} if device and device.startswith("cuda") else {}
     offload = ({"offload_to_disk": True, "offload_to_disk_path": str(offload_folder)} if offload_folder
                else {"offload_to_disk": False})
-    return QuantizeConfig(**settings, **offload, **on_gpu)
+    return QuantizeConfig(**settings, **offload, **on_gpu(device))
 
 
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents
