@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from .errors import BadInput
+from .quant_types import GB
 
 if TYPE_CHECKING:
     from .plan import Plan
     from .source import ModelFacts
 
-GB = 1e9
 OFFLOADS = ("none", "disk")
 # What a quantize process holds whatever the model's size: Python, torch, transformers, GPTQModel,
 # the tokenizer and calibration text, and freed memory glibc keeps. Measured on this project's CPU
