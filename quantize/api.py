@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from huggingface_hub import get_token
+
 from .calibration import CalibrationTextArtifact, check_available
 from .card import RenderedCard, card_assets, check_cards, render_cards
 from .card.original import prompt_template
 from .errors import BadInput, WorkFailed
-from .executors import Executor, make_executor
+from .executors import Executor, Publishing, make_executor
 from .formats import format_names
 from .plan import Plan, build_plan
 from .publish import (PublishedBranch, carried_manifests, claim, local_manifests, make_target, publish_release,
@@ -179,26 +181,39 @@ def _release(recipe_path, out, only, variants, model, publish, log, on_outcome, 
         except WorkFailed as exc:  # the target could not be read: nothing was started
             raise BadInput(str(exc)) from None
     output = library_output if library_output is not None else NoCapture()
+    on_hub = target is not None and full.recipe.publish.target == "hub"
+    publishing = Publishing(full, identity, get_token()) if on_hub else None  # a Ray task may publish its variant
     with output_lock(out_dir, log), _logs_in(output, out_dir):
         if on_start:
             on_start(chosen)
         outcomes = runner.run(chosen, out_dir, log=log, on_outcome=on_outcome, check_hashes=target is not None,
-                              output=output)
+                              output=output, publishing=publishing)
         failed = any(o.status == "failed" for o in outcomes)
-        if target is None or failed:
+        by_tasks = runner.published_by_tasks  # each Ray task published its variant: the cards are brought up to date
+        if target is None or (failed and not by_tasks):
             return ReleaseResult(chosen, out_dir, outcomes, render_cards(full, out_dir))
         write_release_id(out_dir, identity.id)
         states = read_states(target, full)
-        local = local_manifests(full, out_dir, {o.variant.id for o in outcomes if o.manifest}, log)
+        local = {} if by_tasks else local_manifests(full, out_dir, {o.variant.id for o in outcomes if o.manifest}, log)
         carried = carried_manifests(full, local, states)
-        for variant_id in carried:
+        for variant_id in carried if not by_tasks else ():
             log(f"{variant_id}: not made in this output folder: kept as published")
         cards = render_cards(full, out_dir, manifests={**carried, **local})
         result = ReleaseResult(chosen, out_dir, outcomes, cards)
         result.published = publish_release(full, out_dir, local, {card.repo_id: card.files() for card in cards},
                                            prompt_template(full.recipe), card_assets(full.recipe), target, log,
                                            identity=identity, carried=carried, states=states)
+        if by_tasks:
+            result.published = with_task_uploads(result.published, [o.published for o in outcomes if o.published])
     return result
+
+
+def with_task_uploads(final: list[PublishedBranch], by_tasks: list[PublishedBranch]) -> list[PublishedBranch]:
+    """Each branch as the last publish left it, with what the tasks sent before (their files, then cards)."""
+    sent: dict[tuple[str, str], list[str]] = {}
+    for branch in [*by_tasks, *final]:
+        sent.setdefault((branch.repo_id, branch.branch), []).extend(branch.uploaded)
+    return [PublishedBranch(b.repo_id, b.branch, b.files, sorted(set(sent[(b.repo_id, b.branch)]))) for b in final]
 
 
 @contextmanager

@@ -47,6 +47,7 @@ class Outcome:
     node: dict[str, Any] | None = None  # where it was made: hostname (and Ray's node id and IP on a cluster)
     started_at: str | None = None  # UTC, ISO 8601
     finished_at: str | None = None
+    published: Any = None  # publish.PublishedBranch, when the task that made it published it (Ray, node-local)
 
 
 def library_versions() -> dict[str, str]:

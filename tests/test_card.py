@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantize.card import plan_card_inputs, render_cards, split_card, validate_card
+from quantize.card import plan_card_inputs, split_card, validate_card
 from quantize.card.original import OriginalCard, prompt_template
 from quantize.card.render import render_card
 from quantize.cli import main

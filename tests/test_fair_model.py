@@ -14,7 +14,7 @@ import torch
 
 from model_builders import (decoder_linear_weights, gaussian_like, logit_agreement, make_function_preserving,
                             q4_1_relative_error, q4_1_round_trip)
-from .conftest import REPO, SHARED_WIKITEXT
+from .conftest import SHARED_WIKITEXT
 
 KL_BOUND = 1e-3
 TOP1_MIN = 0.99

@@ -4,6 +4,7 @@ skips everything; a worker killed in the middle of a variant is retried and noth
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -122,3 +123,42 @@ def test_a_worker_killed_mid_variant_is_retried_and_nothing_is_duplicated(cluste
     assert files == sorted(made)  # each file once, nothing half-made left beside them
     assert not staged_files(out)
     assert sorted(p.name for p in (out / "manifests" / "gguf").iterdir()) == ["Q4_K_M.json", "Q8_0.json"]
+
+
+def test_without_shared_storage_each_task_publishes_to_the_hub_what_a_local_run_makes(cluster, recipe, local_run,
+                                                                                      tmp_path, capsys, monkeypatch):
+    from .hub_server import HubStandIn
+
+    data = yaml.safe_load(recipe.read_text())
+    data["publish"] = {"target": "hub"}
+    hub_recipe = tmp_path / "recipe.yaml"
+    hub_recipe.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("QUANTIZE_RAY_STORAGE", "node")  # the nodes share this disk, but act as if they didn't
+    out = tmp_path / "out"
+    command = ["release", str(hub_recipe), "--out", str(out), "--json", "--executor", "ray", "--address",
+               cluster.address]
+    with HubStandIn(tmp_path / "hub", lfs_threshold=1024) as hub, hub.client_env():
+        capsys.readouterr()
+        code = main(command)
+        summary = json.loads(capsys.readouterr().out)
+        assert code == 0, summary
+        variants = summary["variants"]
+        assert [v["status"] for v in variants] == ["done"] * 4
+        assert len({v["node"]["node_id"] for v in variants}) == 2, [v["node"] for v in variants]
+        for variant in variants:  # on the Hub, byte for byte what the local executor made
+            manifest = read_manifest(local_run, variant["id"])
+            held = hub.files(variant["repo_id"], variant["branch"])
+            for entry in manifest.files:
+                assert hashlib.sha256(held[manifest.repo_path(entry)]).hexdigest() == entry.sha256, entry.path
+            readme = held["README.md"].decode()
+            for other in (v for v in variants if v["repo_id"] == variant["repo_id"]):  # the card lists them all
+                assert f"[{other['branch']}]" in readme or all(Path(f).name in readme for f in other["files"])
+        assert not (out / "manifests").exists()
+        assert len(list((out / ".work" / "nodes").iterdir())) == 2  # each node made the shared work it needed
+
+        commits = len(hub.requests("POST", "/commit/"))
+        capsys.readouterr()
+        assert main(command) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert [v["status"] for v in again["variants"]] == ["skipped"] * 4
+        assert len(hub.requests("POST", "/commit/")) == commits

@@ -9,14 +9,31 @@ manifests written last, shared artifacts computed once): an executor only decide
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 from ..errors import BadInput
 from ..plan import Plan
+from ..publish.layout import ReleaseIdentity
 from ..runner import Outcome, run_plan
 
 EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Publishing:
+    """What a task needs to publish its own variant to the Hub (the Ray executor without shared storage):
+    the whole release's plan (for the cards), the release's identity and the driver's Hub token."""
+
+    plan: Plan
+    identity: ReleaseIdentity
+    token: str | None = None
+
+    def target(self):
+        from ..publish.hub import HubTarget
+
+        return HubTarget(private=self.plan.recipe.release.private, token=self.token)
 
 
 class Executor(Protocol):
@@ -25,8 +42,11 @@ class Executor(Protocol):
     def check(self, plan: Plan) -> None:
         """BadInput for what would fail later (the device, the cluster); starts no work."""
 
+    published_by_tasks: bool  # after run: the variants were published by the tasks that made them
+
     def run(self, plan: Plan, out_dir: Path, log: Callable[[str], None], on_outcome: Callable[[Outcome], None] | None,
-            check_hashes: bool, output) -> list[Outcome]: ...
+            check_hashes: bool, output, publishing: Publishing | None = None) -> list[Outcome]:
+        """Make every unfinished variant of `plan`; `publishing`: the Hub target's, when tasks may publish."""
 
     def close(self) -> None: ...
 
@@ -35,11 +55,12 @@ class LocalExecutor:
     """Every variant in this process, one after another (`runner.run_plan`)."""
 
     name = "local"
+    published_by_tasks = False
 
     def check(self, plan: Plan) -> None:
         require_device(plan)
 
-    def run(self, plan, out_dir, log, on_outcome, check_hashes, output) -> list[Outcome]:
+    def run(self, plan, out_dir, log, on_outcome, check_hashes, output, publishing=None) -> list[Outcome]:
         return run_plan(plan, out_dir, log=log, on_outcome=on_outcome, check_hashes=check_hashes, output=output)
 
     def close(self) -> None:

@@ -99,14 +99,32 @@ def resources_of(plan: Plan, thing: Variant | Artifact, cpus: float = 1) -> Reso
     return Resources(cpus=cpus, gpus=1 if on_gpu(thing) else 0, memory=memory)
 
 
-def build_graph(plan: Plan, pending: list[Variant], cpus: float = 1) -> list[Task]:
-    """The tasks that make `pending` (variants of `plan`), in an order where each comes after its needs."""
+def build_graph(plan: Plan, pending: list[Variant], cpus: float = 1, shared: bool = True) -> list[Task]:
+    """The tasks that make `pending` (variants of `plan`), in an order where each comes after its needs.
+
+    Not `shared` (each node keeps its own output folder): no artifact tasks; each variant task makes the
+    shared work it needs itself, so it asks for the most any of those steps needs."""
+    if not shared:
+        return [Task(variant_key(v.id), VARIANT, v.id, (), _with_needs(plan, v, cpus)) for v in pending]
     artifacts = Plan(plan.recipe, plan.source, list(pending)).artifacts
     tasks = [Task(artifact_key(a.name), ARTIFACT, a.name, tuple(artifact_key(n.name) for n in a.needs()),
                   resources_of(plan, a, cpus)) for a in artifacts.values()]
     tasks += [Task(variant_key(v.id), VARIANT, v.id, tuple(artifact_key(a.name) for a in v.needs),
                    resources_of(plan, v, cpus)) for v in pending]
     return tasks
+
+
+def _with_needs(plan: Plan, variant: Variant, cpus: float) -> Resources:
+    steps, seen = [resources_of(plan, variant, cpus)], set()
+    todo = list(variant.needs)
+    while todo:
+        artifact = todo.pop()
+        if artifact.name not in seen:
+            seen.add(artifact.name)
+            steps.append(resources_of(plan, artifact, cpus))
+            todo.extend(artifact.needs())
+    memories = [r.memory for r in steps if r.memory]
+    return Resources(cpus=cpus, gpus=max(r.gpus for r in steps), memory=max(memories) if memories else None)
 
 
 def unplaceable(tasks: list[Task], nodes: list[dict[str, float]]) -> list[tuple[Task, str]]:

@@ -12,14 +12,17 @@ record entries of the others, so the card and the record describe the whole bran
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 from pydantic import ValidationError
 
+from ..card import card_assets, render_cards
 from ..card.context import CardAssets
-from ..card.original import PromptTemplate
+from ..card.original import PromptTemplate, prompt_template
 from ..errors import WorkFailed
 from ..killpoints import kill_point
 from ..manifest import Manifest, mismatches, read_manifest
@@ -29,7 +32,8 @@ from .layout import BranchContent, BranchState, ReleaseIdentity, RemoteFile, bra
 from .ownership import claim_release
 
 __all__ = ["BranchMoved", "PublishedBranch", "Target", "branch_mismatches", "carried_manifests", "claim",
-           "is_lfs", "local_manifests", "make_target", "publish_release", "read_states"]
+           "is_lfs", "local_manifests", "make_target", "publish_release", "publish_variant", "published_manifests",
+           "read_states"]
 
 
 class BranchMoved(Exception):
@@ -160,23 +164,74 @@ def publish_release(plan: Plan, out_dir: Path, manifests: dict[str, Manifest], c
             states[repo_id] = target.read_states(repo_id)
     published = []
     for content in contents:
+        def reread(attempt: int, content=content) -> tuple[BranchContent, BranchState]:
+            return content, target.branch_state(content.repo_id, content.branch)
+
         state = states[content.repo_id].get(content.branch) or BranchState(None)
-        for attempt in range(2):
-            _check_owner(content, state, identity, target.where)
-            try:
-                uploaded = target.publish(content, state, log)
-                break
-            except BranchMoved:
-                if attempt:
-                    raise WorkFailed(f"publish: {content.repo_id}@{content.branch} changed while it was being "
-                                     "published, twice (someone else commits to it): not published; rerun") from None
-                log(f"{content.repo_id}@{content.branch}: changed meanwhile: reading it again")
-                state = target.branch_state(content.repo_id, content.branch)
-        problems = branch_mismatches(content, target.remote_files(content), state.owned())
-        if problems:
-            raise WorkFailed(f"{content.repo_id}@{content.branch}: verification failed: {problems[0]}"
-                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        log(f"{content.repo_id}@{content.branch}: published and verified ({len(uploaded)} file(s) sent)")
-        published.append(PublishedBranch(content.repo_id, content.branch, content.all_paths(), uploaded))
-        kill_point("published")
+        published.append(_publish_branch(content, state, target, identity, log, reread, attempts=2))
     return published
+
+
+def _publish_branch(content: BranchContent, state: BranchState, target: Target, identity: ReleaseIdentity,
+                    log: Callable[[str], None], reread: Callable[[int], tuple[BranchContent, BranchState]],
+                    attempts: int) -> PublishedBranch:
+    """Commit `content` on top of `state`, then verify the branch. When the branch moved meanwhile,
+    `reread(attempt)` gives the content and state to try again with, up to `attempts` tries in all."""
+    for attempt in range(attempts):
+        _check_owner(content, state, identity, target.where)
+        try:
+            uploaded = target.publish(content, state, log)
+            break
+        except BranchMoved:
+            if attempt == attempts - 1:
+                times = "twice" if attempts == 2 else f"{attempts} times"
+                raise WorkFailed(f"publish: {content.repo_id}@{content.branch} changed while it was being "
+                                 f"published, {times} (someone else commits to it): not published; rerun") from None
+            log(f"{content.repo_id}@{content.branch}: changed meanwhile: reading it again")
+            content, state = reread(attempt)
+    problems = branch_mismatches(content, target.remote_files(content), state.owned())
+    if problems:
+        raise WorkFailed(f"{content.repo_id}@{content.branch}: verification failed: {problems[0]}"
+                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    log(f"{content.repo_id}@{content.branch}: published and verified ({len(uploaded)} file(s) sent)")
+    kill_point("published")
+    return PublishedBranch(content.repo_id, content.branch, content.all_paths(), uploaded)
+
+
+def published_manifests(plan: Plan, states: dict[str, dict[str, BranchState]]) -> dict[str, Manifest]:
+    """The plan's variants published with the same fingerprint (what they would be made with now), every
+    file still on its branch: finished, wherever they were made."""
+    variants = {v.id: v for v in plan.variants}
+    return {variant_id: manifest for variant_id, manifest in carried_manifests(plan, {}, states).items()
+            if manifest.params_digest == variants[variant_id].digest}
+
+
+def publish_variant(plan: Plan, out_dir: Path, manifest: Manifest, target: Target, identity: ReleaseIdentity,
+                    log: Callable[[str], None] = print, attempts: int = 10,
+                    pause: Callable[[int], None] | None = None) -> PublishedBranch:
+    """Publish one variant made in `out_dir` (a Ray task's own folder) to its branch, with the card of
+    every variant published so far.
+
+    Other tasks publish to the same branch (GGUF files side by side on main) at the same time: when the
+    branch moved, its state is read again and the record and card are rebuilt from it, so no other
+    variant's files or record entries are lost; a random pause between tries spreads the racers out.
+    """
+    variant = next(v for v in plan.variants if v.id == manifest.variant_id)
+    prompt, assets = prompt_template(plan.recipe), card_assets(plan.recipe)
+    pause = pause or (lambda attempt: time.sleep(random.uniform(0.2, 1.0) * (attempt + 1)))
+    target.prepare_repo(variant.repo_id, log)
+
+    def build(attempt: int | None = None) -> tuple[BranchContent, BranchState]:
+        if attempt is not None:
+            pause(attempt)
+        states = {variant.repo_id: target.read_states(variant.repo_id)}
+        own = {variant.id: manifest}
+        carried = carried_manifests(plan, own, states)
+        cards = render_cards(plan, out_dir, manifests={**carried, **own})
+        contents = branch_contents(plan, out_dir, {**carried, **own}, {c.repo_id: c.files() for c in cards},
+                                   prompt, assets, identity, set(carried))
+        content = next(c for c in contents if (c.repo_id, c.branch) == (variant.repo_id, variant.branch))
+        return content, states[variant.repo_id].get(variant.branch) or BranchState(None)
+
+    content, state = build()
+    return _publish_branch(content, state, target, identity, log, build, attempts)
