@@ -35,7 +35,7 @@ def test_tiny_model_release_to_the_hub(hub, tiny_model, tmp_path, capsys):
                        gptq=[{"bits": 4, "group_size": 128, "act_order": True},
                              {"bits": 8, "group_size": "none", "act_order": False}],
                        awq=[{"bits": 4, "group_size": 128}],
-                       gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True},
+                       gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True, "imatrix_chunks": 8},
                        publish={"target": "hub"})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))

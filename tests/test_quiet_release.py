@@ -22,7 +22,7 @@ LIBRARY_LINE = re.compile(r"\bINFO\b|\bDEBUG\b|torchao|\d+%\|| it/s\]|s/it\]|Use
 
 def test_a_whole_release_prints_a_few_lines_and_logs_the_libraries(tiny_model, tmp_path):
     data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}, {"bits": 8, "group_size": "none"}],
-                       awq=[{"bits": 4, "group_size": 128}], gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True})
+                       awq=[{"bits": 4, "group_size": 128}], gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True, "imatrix_chunks": 8})
     data["calibration"]["held_out"] = 0.02
     data["source"]["prompt_template"] = "{prompt}"
     data["publish"] = {"target": "local"}

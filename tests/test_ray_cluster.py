@@ -45,7 +45,7 @@ def recipe(tiny_model, tmp_path_factory) -> Path:
     except Exception as exc:
         pytest.skip(f"llama.cpp tools not built: {exc}")
     data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}], awq=[{"bits": 4, "group_size": 128}],
-                       gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True})
+                       gguf={"types": ["Q4_K_M", "Q8_0"], "imatrix": True, "imatrix_chunks": 8})
     data["calibration"]["held_out"] = 0.02
     path = tmp_path_factory.mktemp("ray-release") / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
