@@ -4,10 +4,12 @@ skips everything; a worker killed in the middle of a variant is retried and noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,8 +127,9 @@ def test_a_worker_killed_mid_variant_is_retried_and_nothing_is_duplicated(cluste
     assert sorted(p.name for p in (out / "manifests" / "gguf").iterdir()) == ["Q4_K_M.json", "Q8_0.json"]
 
 
-def test_without_shared_storage_each_task_publishes_to_the_hub_what_a_local_run_makes(cluster, recipe, local_run,
-                                                                                      tmp_path, capsys, monkeypatch):
+@contextlib.contextmanager
+def node_local_release(recipe: Path, tmp_path: Path, cluster, monkeypatch, *extra: str):
+    """(the Hub stand-in, the command) of a release to the Hub with each node keeping its own folder."""
     from .hub_server import HubStandIn
 
     data = yaml.safe_load(recipe.read_text())
@@ -134,31 +137,62 @@ def test_without_shared_storage_each_task_publishes_to_the_hub_what_a_local_run_
     hub_recipe = tmp_path / "recipe.yaml"
     hub_recipe.write_text(yaml.safe_dump(data))
     monkeypatch.setenv("QUANTIZE_RAY_STORAGE", "node")  # the nodes share this disk, but act as if they didn't
-    out = tmp_path / "out"
-    command = ["release", str(hub_recipe), "--out", str(out), "--json", "--executor", "ray", "--address",
-               cluster.address]
+    command = ["release", str(hub_recipe), "--out", str(tmp_path / "out"), "--json", "--executor", "ray",
+               "--address", cluster.address, *extra]
     with HubStandIn(tmp_path / "hub", lfs_threshold=1024) as hub, hub.client_env():
-        capsys.readouterr()
-        code = main(command)
-        summary = json.loads(capsys.readouterr().out)
-        assert code == 0, summary
-        variants = summary["variants"]
+        yield hub, command
+
+
+def run_json(command: list[str], capsys) -> dict:
+    capsys.readouterr()
+    code = main(command)
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, summary
+    return summary
+
+
+def assert_published_as_made_locally(hub, variants: list[dict], local_run: Path) -> None:
+    for variant in variants:
+        manifest = read_manifest(local_run, variant["id"])
+        held = hub.files(variant["repo_id"], variant["branch"])
+        for entry in manifest.files:
+            assert hashlib.sha256(held[manifest.repo_path(entry)]).hexdigest() == entry.sha256, entry.path
+
+
+def test_without_shared_storage_each_task_publishes_to_the_hub_what_a_local_run_makes(cluster, recipe, local_run,
+                                                                                      tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    with node_local_release(recipe, tmp_path, cluster, monkeypatch) as (hub, command):
+        variants = run_json(command, capsys)["variants"]
         assert [v["status"] for v in variants] == ["done"] * 4
         assert len({v["node"]["node_id"] for v in variants}) == 2, [v["node"] for v in variants]
-        for variant in variants:  # on the Hub, byte for byte what the local executor made
-            manifest = read_manifest(local_run, variant["id"])
-            held = hub.files(variant["repo_id"], variant["branch"])
-            for entry in manifest.files:
-                assert hashlib.sha256(held[manifest.repo_path(entry)]).hexdigest() == entry.sha256, entry.path
-            readme = held["README.md"].decode()
+        assert_published_as_made_locally(hub, variants, local_run)  # byte for byte what the local executor made
+        for variant in variants:
+            readme = hub.files(variant["repo_id"], variant["branch"])["README.md"].decode()
             for other in (v for v in variants if v["repo_id"] == variant["repo_id"]):  # the card lists them all
                 assert f"[{other['branch']}]" in readme or all(Path(f).name in readme for f in other["files"])
         assert not (out / "manifests").exists()
         assert len(list((out / ".work" / "nodes").iterdir())) == 2  # each node made the shared work it needed
 
         commits = len(hub.requests("POST", "/commit/"))
-        capsys.readouterr()
-        assert main(command) == 0
-        again = json.loads(capsys.readouterr().out)
+        again = run_json(command, capsys)
         assert [v["status"] for v in again["variants"]] == ["skipped"] * 4
         assert len(hub.requests("POST", "/commit/")) == commits
+
+
+def test_without_shared_storage_a_worker_killed_after_its_commit_is_retried_and_sends_nothing_again(
+        cluster, recipe, local_run, tmp_path, capsys, monkeypatch):
+    once = tmp_path / "killed"
+    monkeypatch.setenv("QUANTIZE_TEST_KILL_AT", "hub-commit")  # its variant is on the Hub, the task never returned
+    monkeypatch.setenv("QUANTIZE_TEST_KILL_ONCE", str(once))
+    with node_local_release(recipe, tmp_path, cluster, monkeypatch, "--only", "gguf") as (hub, command):
+        variants = run_json(command, capsys)["variants"]
+        assert once.exists(), "no worker was killed"
+        assert [(v["id"], v["status"]) for v in variants] == [("gguf/Q4_K_M", "done"), ("gguf/Q8_0", "done")]
+        assert_published_as_made_locally(hub, variants, local_run)
+        stored = [re.search(r"/lfs-upload/([0-9a-f]{64})", entry.path).group(1) for entry in hub.lfs_upload_puts()]
+        for variant in variants:  # made once (in one node's folder) and sent once
+            manifest = read_manifest(local_run, variant["id"])
+            name = Path(manifest.files[0].path).name
+            assert len(list((tmp_path / "out" / ".work" / "nodes").glob(f"*/gguf/{name}"))) == 1, name
+            assert stored.count(manifest.files[0].sha256) == 1, name
