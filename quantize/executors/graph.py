@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..memory import DTYPE_BYTES
 from ..plan import Plan, Variant
 from ..stages import Artifact
 
 GIB = 1024 ** 3
 MEMORY_MARGIN = GIB // 2  # per task, on top of the estimate: the interpreter, libraries, buffers
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ARTIFACT, VARIANT = "artifact", "variant"
 
 
