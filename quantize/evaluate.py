@@ -27,7 +27,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -226,14 +226,21 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE) -> torch.nn.Linear:
-    """A Linear with the weights the quantized kernel computes with: its outputs for the identity matrix."""
+def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE,
+                 weight_of: Callable[[torch.nn.Module, torch.dtype], torch.Tensor | None] | None = None
+                 ) -> torch.nn.Linear:
+    """A Linear with the weights the quantized kernel computes with in `dtype`: its outputs for the
+    identity matrix, or `weight_of(module, dtype)` ([out, in]) where the engine reads them directly."""
     device = next((t.device for t in (*module.buffers(), *module.parameters())), torch.device("cpu"))
-    identity = torch.eye(module.in_features, dtype=dtype, device=device)
-    zeros = torch.zeros(1, module.in_features, dtype=dtype, device=device)
-    bias = module(zeros)[0]
-    weight = (module(identity) - bias).t().contiguous()
+    weight = weight_of(module, dtype) if weight_of is not None else None
     has_bias = getattr(module, "bias", None) is not None
+    if weight is None:
+        identity = torch.eye(module.in_features, dtype=dtype, device=device)
+        zeros = torch.zeros(1, module.in_features, dtype=dtype, device=device)
+        bias = module(zeros)[0]
+        weight = (module(identity) - bias).t().contiguous()
+    elif has_bias:
+        bias = module.bias
     dense = torch.nn.Linear(module.in_features, module.out_features, bias=has_bias, dtype=dtype, device=device)
     dense.weight.copy_(weight)
     if has_bias:
@@ -241,13 +248,15 @@ def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE) -> to
     return dense
 
 
-def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE) -> int:
-    """Replace every quantized linear layer by its dense equivalent; returns how many were replaced."""
+def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE,
+                              weight_of: Callable[[torch.nn.Module, torch.dtype], torch.Tensor | None] | None = None
+                              ) -> int:
+    """Replace every quantized linear layer by its dense equivalent (`dense_linear`); returns how many were replaced."""
     targets = [(name, module) for name, module in model.named_modules() if is_quantized_linear(module)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dense_linear(module, dtype))
+        setattr(parent, child, dense_linear(module, dtype, weight_of))
     return len(targets)
 
 

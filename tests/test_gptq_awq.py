@@ -15,8 +15,8 @@ from quantize.engines.gptqmodel.setup import eager_torch
 from quantize.engines.gptqmodel.verify import check_release_folder
 from quantize.formats.gptq import GPTQ, GPTQVariant
 from quantize.errors import BadInput, WorkFailed
-from quantize.evaluate import (EVAL_DTYPE, dense_linear, densify_quantized_linears, evaluation_windows, read_reference,
-                               score_windows)
+from quantize.evaluate import (EVAL_DTYPE, dense_linear, densify_quantized_linears, evaluation_windows,
+                               is_quantized_linear, read_reference, score_windows)
 from quantize.manifest import read_manifest
 from quantize.plan import build_plan
 from quantize.recipe import load_recipe
@@ -122,6 +122,82 @@ def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_s
     assert (ours < weight.abs().reshape(ours.shape[0], ours.shape[1], -1).amax(-1, keepdim=True)).any()  # some clipped
 
 
+def _unimodal_losses(minimum: int, size: int = 20) -> list[float]:
+    return [abs(point - minimum) ** 1.5 + 0.01 * point for point in range(size)]
+
+
+@pytest.mark.parametrize("minimum", range(20))
+def test_coarse_to_fine_finds_the_exhaustive_minimum_of_a_unimodal_grid_in_9_forwards(minimum):
+    from quantize.engines.gptqmodel.setup import AWQ_GRID, COARSE_TO_FINE, grid_minimum
+
+    losses = _unimodal_losses(minimum, AWQ_GRID)
+    full, tried_full = grid_minimum(losses.__getitem__, AWQ_GRID, (1,))
+    coarse, tried = grid_minimum(losses.__getitem__, AWQ_GRID, COARSE_TO_FINE)
+    assert full == coarse == minimum
+    assert len(tried_full) == AWQ_GRID and len(tried) <= 9
+    assert all(losses[point] == loss for point, loss in tried.items())
+
+
+def test_grid_minimum_breaks_ties_towards_the_lower_point_and_may_miss_a_second_valley():
+    from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, grid_minimum
+
+    assert grid_minimum([3.0, 1.0, 1.0, 2.0].__getitem__, 4, (1,))[0] == 1
+    two_valleys = [5.0] * 20
+    two_valleys[4], two_valleys[13] = 1.0, 0.5  # the deeper one lies between coarse points far from the best
+    assert grid_minimum(two_valleys.__getitem__, 20, (1,))[0] == 13
+    assert grid_minimum(two_valleys.__getitem__, 20, COARSE_TO_FINE)[0] == 4
+
+
+def _scale_search_processor(duo_scaling: bool):
+    import types
+
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    processor = types.SimpleNamespace(qcfg=types.SimpleNamespace(group_size=32, sym=False, bits=4),
+                                      duo_scaling=duo_scaling, _scale_context=types.SimpleNamespace())
+    processor._pseudo_quantize_tensor_into = types.MethodType(AWQProcessor._pseudo_quantize_tensor_into, processor)
+    processor._iter_module_forward_outputs = lambda x, module, kwargs: iter([module(x)])
+    processor._iter_reference_output_chunks = lambda x, reference: iter([reference])
+    return processor
+
+
+@pytest.mark.parametrize("duo_scaling", [True, False])
+def test_awq_scale_search_chooses_what_gptqmodels_own_search_chooses(duo_scaling):
+    """On a block whose loss along the grid falls and then rises, both searches pick GPTQModel's scales.
+
+    float64, so that GPTQModel's stash of the weights (`.to(float32)`) is a copy and its own search
+    is the reference (for a float32 weight it is the weight itself: see awq_fixes)."""
+    from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
+
+    from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, awq_best_scale
+
+    generator = torch.Generator().manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False), torch.nn.GELU(),
+                                torch.nn.Linear(256, 64, bias=False)).to(torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        for layer in (block[0], block[2]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    x = torch.randn(400, 128, generator=generator, dtype=torch.float64)
+    x[:, :6] *= 15  # salient input channels: scaling them up before quantizing pays off
+    reference = block(x).detach()
+    x_mean = x.abs().mean(0)
+    w_mean = _compute_awq_weight_mean([block[0]], 32)
+    before = block[0].weight.detach().clone()
+    processor = _scale_search_processor(duo_scaling)
+
+    with torch.inference_mode():  # as GPTQModel's loop runs it
+        theirs, their_loss = AWQProcessor._compute_best_scale(processor, x, w_mean, x_mean, block, [block[0]], reference)
+    block[0].weight.copy_(before)  # its restores go through float32
+    full, full_loss = awq_best_scale(processor, x, w_mean, x_mean, block, [block[0]], reference, strides=(1,))
+    coarse, coarse_loss = awq_best_scale(processor, x, w_mean, x_mean, block, [block[0]], reference,
+                                         strides=COARSE_TO_FINE)
+    # the losses differ in the last digits: GPTQModel restores the weights through float32
+    assert torch.equal(full, theirs) and full_loss == pytest.approx(their_loss, rel=1e-6)
+    assert torch.equal(coarse, theirs) and coarse_loss == full_loss
+    assert not torch.allclose(theirs, torch.ones_like(theirs))  # the search chose real scales, not r = 0
+    assert torch.equal(block[0].weight, before)  # our searches restored the weights exactly
+
+
 # --- fast: bad input is refused before any work ------------------------------------------------
 
 @pytest.mark.parametrize("variant, message", [
@@ -132,6 +208,11 @@ def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_s
 def test_recipe_refuses_bad_gptq_settings(tiny_model, write_recipe, variant, message):
     with pytest.raises(BadInput, match=message):
         load_recipe(write_recipe(tiny_recipe(tiny_model, gptq=[variant])))
+
+
+def test_recipe_refuses_an_unknown_awq_scale_search(tiny_model, write_recipe):
+    with pytest.raises(BadInput, match="scale_search"):
+        load_recipe(write_recipe(tiny_recipe(tiny_model, awq=[{"bits": 4, "scale_search": "golden"}])))
 
 
 def test_plan_refuses_a_group_size_that_does_not_divide_the_width(tiny_model, write_recipe):
@@ -251,6 +332,22 @@ def test_variants_reload_with_transformers_with_finite_loss(release):
             with torch.inference_mode():
                 loss = model(input_ids=ids, labels=ids).loss
         assert torch.isfinite(loss), variant.id
+
+
+@pytest.mark.slow
+def test_awq_layers_are_made_dense_from_their_weights_exactly_as_through_the_kernel(release):
+    from quantize.engines.gptqmodel.verify import kernel_weight, load_quantized
+    from quantize.formats.awq import AWQ, AWQVariant
+
+    _, out, _ = release
+    model = load_quantized(out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT))
+    layers = [module for module in model.modules() if is_quantized_linear(module)]
+    assert layers and all(kernel_weight(layer, EVAL_DTYPE) is not None for layer in layers)
+    for layer in layers:
+        assert torch.equal(dense_linear(layer, EVAL_DTYPE, kernel_weight).weight, dense_linear(layer, EVAL_DTYPE).weight)
+    plain = torch.nn.Linear(8, 4)
+    plain.qweight = torch.zeros(1)
+    assert kernel_weight(plain, EVAL_DTYPE) is None  # other kernels: through their outputs
 
 
 @pytest.mark.slow

@@ -144,6 +144,14 @@ def test_the_fingerprint_covers_what_changes_the_bytes(tmp_path, write_recipe, c
     assert {variant for variant in before if before[variant] != after[variant]} == redone
 
 
+def test_the_awq_scale_search_is_part_of_the_awq_fingerprint_only(tmp_path, write_recipe):
+    data = tiny_recipe(_model(tmp_path / "model"), gptq=[{"bits": 4}], awq=[{"bits": 4}])
+    before = _digests(write_recipe, data)
+    data["awq"][0]["scale_search"] = "full"
+    after = _digests(write_recipe, data)
+    assert {variant for variant in before if before[variant] != after[variant]} == {"awq/main"}
+
+
 def test_a_retrained_model_in_the_same_folder_redoes_every_variant(tmp_path, write_recipe):
     model = _model(tmp_path / "model")
     (model / "model.safetensors").write_bytes(b"weights v1")

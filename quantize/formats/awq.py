@@ -4,10 +4,12 @@ transformers load), made with GPTQModel from the same calibration windows as GPT
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 from pydantic import field_validator
 
+from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import AWQ_BITS, awq_branch_name, awq_default_description
 from ._weights import WeightFormatPlugin, WeightVariantSpec
@@ -18,6 +20,9 @@ class AWQVariant(WeightVariantSpec):
 
     bits: int = 4
     zero_point: bool = True
+    # how the per-channel scale is searched on AWQ's grid of 20 exponents: coarse_to_fine tries
+    # 9 of them (every 4th, then the best one's neighbours), full every one, as GPTQModel does
+    scale_search: Literal[tuple(SCALE_SEARCHES)] = "coarse_to_fine"  # type: ignore[valid-type]
 
     @field_validator("bits")
     @classmethod
@@ -51,10 +56,14 @@ def awq_fields(spec: AWQVariant) -> dict[str, Any]:
             "zero_point": spec.zero_point}
 
 
+def awq_quantizing(spec: AWQVariant) -> AbstractContextManager:
+    return awq_fixes(spec.scale_search)
+
+
 # Computed in the device's dtype like GPTQ: float32 on a CPU (the scale search only needs a
 # floating-point forward; packing: engines/gptqmodel/setup.py), fp16/bf16 on a GPU.
 AWQ = WeightFormat(name="awq", quantize_backend="awq_torch", load_backend="torch_awq",
-                   quantize_settings=awq_settings, release_fields=awq_fields)
+                   quantize_settings=awq_settings, release_fields=awq_fields, quantizing=awq_quantizing)
 
 
 class AWQFormat(WeightFormatPlugin):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +25,9 @@ from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import (awq_fixes, eager_torch, import_gptqmodel, load_unquantized, quantize_config,
+from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config,
                     supported_model_types)
-from .verify import check_release_folder, generate_check, load_quantized
+from .verify import check_release_folder, generate_check, kernel_weight, load_quantized
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
 SAVE_SUBDIR = ".gptqmodel-save"  # inside the staging folder; removed once the release files are out
@@ -43,6 +44,8 @@ class WeightFormat:
     release_fields: Callable[[Any], dict[str, Any]]  # variant spec -> required config keys
     legacy_keys: dict[str, Any] = field(default_factory=dict)  # added to quantize_config.json
     needs_optimum: bool = False  # transformers loads it through optimum
+    # variant spec -> what holds while GPTQModel quantizes (AWQ: its float32 fixes and scale search)
+    quantizing: Callable[[Any], AbstractContextManager] = lambda spec: nullcontext()
 
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
@@ -164,7 +167,7 @@ class GPTQModelBackend(Backend):
                 with clock.stage("quantize"):
                     quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
             else:
-                with clock.stage("quantize"), awq_fixes():
+                with clock.stage("quantize"), fmt.quantizing(spec):
                     model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
             damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
             with clock.stage("save"):
@@ -208,7 +211,7 @@ class GPTQModelBackend(Backend):
             reference = store.value(artifact)
         with clock.stage("evaluate"), eager_torch():
             if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
-                densify_quantized_linears(model, device.torch_dtype("eval"))
+                densify_quantized_linears(model, device.torch_dtype("eval"), kernel_weight)
             quality = score_windows(model, reference.file, reference.bos, reference.perplexity)
         del model
         give_back()
