@@ -18,6 +18,12 @@ calibration text and the fp16 baseline. "naive": the same variants, each in a fr
 its own empty output folder, so the model, tokenizer, calibration text and baseline are loaded and
 computed again per variant (what a one-script-per-permutation workflow pays).
 
+--awq-check: the 4 GPTQ 4-bit permutations of --sweep --quick (GPTQModel's loop) and AWQ 4-bit g64
+with each scale search (coarse_to_fine, the default, and full), in one release with the demo's
+calibration (16 x 512), ending with the line
+`awq: quantize time T× one GPTQ variant (full search F×), perplexity P (GPTQ 4-bit A–B)`
+(T and F: AWQ's quantize stage over the mean of the GPTQ permutations'; A–B their perplexities).
+
 Per variant: wall time, peak RSS, size on disk, perplexity against fp16. Run it under the heavy
 lock on a shared machine:
 
@@ -33,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -59,11 +66,14 @@ def write_recipe(folder: Path, args, hessian: str | None = None) -> Path:
         "source": {"path": str(Path(args.model).resolve()), "name": "SmolLM2 135M Instruct",
                    "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
         "release": {"namespace": "bench", "basename": "SmolLM2-135M-Instruct"},
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": 0, "held_out": args.held_out},
+        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
+                        "held_out": args.held_out},
         "gptq": gptq,
     }
     if args.awq:
-        recipe["awq"] = [{"bits": 4, "group_size": group} for group in args.awq]
+        recipe["awq"] = [{"bits": 4, "group_size": group, "scale_search": search,
+                          "branch": f"awq-4bit-{group}g-{search.replace('_', '-')}"}
+                         for group in args.awq for search in args.awq_search]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -164,6 +174,69 @@ def sweep(args, out: Path) -> dict:
     return {**modes, "ratio": round(ratio, 3), "worst_change_percent": round(max(changes), 3)}
 
 
+def awq_check(args, out: Path) -> dict:
+    """AWQ against the GPTQ 4-bit permutations: quantize time and perplexity, one release."""
+    args.gptq, args.awq, args.awq_search = QUICK_SWEEP, [64], ["coarse_to_fine", "full"]
+    args.samples, args.held_out = 16, 0.03
+    with full_search_curves() as curves:
+        rows = run_release(write_recipe(out, args), out / "release")
+    print("| Variant | quantize s | PPL | KLD |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['timings']['quantize']} | {row['perplexity']:.3f} | {row['kld_mean']:.4f} |")
+    gptq = [row for row in rows if row["variant"].startswith("gptq/")]
+    awq = {search: next(row for row in rows if row["variant"].endswith(search.replace("_", "-")))
+           for search in args.awq_search}
+    one_gptq = sum(row["timings"]["quantize"] for row in gptq) / len(gptq)
+    low, high = min(row["perplexity"] for row in gptq), max(row["perplexity"] for row in gptq)
+    fast, full = awq["coarse_to_fine"], awq["full"]
+    print(f"fp16 perplexity {rows[0]['baseline_perplexity']:.3f}; AWQ full search: perplexity "
+          f"{full['perplexity']:.3f}, KLD {full['kld_mean']:.4f}")
+    same, unimodal = agreement(curves)
+    print(f"the full search's {len(curves)} loss curves: coarse_to_fine picks the same grid point on {same} "
+          f"({unimodal} fall and then rise)")
+    print(f"awq: quantize time {fast['timings']['quantize'] / one_gptq:.2f}× one GPTQ variant "
+          f"(full search {full['timings']['quantize'] / one_gptq:.2f}×), perplexity {fast['perplexity']:.2f} "
+          f"(GPTQ 4-bit {low:.2f}–{high:.2f})")
+    return {"rows": rows, "one_gptq_seconds": round(one_gptq, 1), "full_search_curves": curves}
+
+
+@contextmanager
+def full_search_curves():
+    """The loss at every grid point of each AWQ scale search made with `scale_search: full`."""
+    from quantize.engines.gptqmodel import setup
+
+    curves, search = [], setup.grid_minimum
+
+    def recording(loss_at, size, strides):
+        best, losses = search(loss_at, size, strides)
+        if strides == (1,):
+            curves.append([losses[point] for point in range(size)])
+        return best, losses
+
+    setup.grid_minimum = recording
+    try:
+        yield curves
+    finally:
+        setup.grid_minimum = search
+
+
+def agreement(curves: list[list[float]]) -> tuple[int, int]:
+    """Of these loss curves, how many the coarse-to-fine search minimises as the full one does, and how
+    many fall and then rise (where it must)."""
+    from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, grid_minimum
+
+    same = sum(grid_minimum(c.__getitem__, len(c), COARSE_TO_FINE)[0] == grid_minimum(c.__getitem__, len(c), (1,))[0]
+               for c in curves)
+    return same, sum(falls_then_rises(curve) for curve in curves)
+
+
+def falls_then_rises(curve: list[float]) -> bool:
+    low = curve.index(min(curve))
+    return (all(a > b for a, b in zip(curve[:low], curve[1:low + 1]))
+            and all(a < b for a, b in zip(curve[low:], curve[low + 1:])))
+
+
 def quantization_seconds(rows: list[dict], seq_len: int) -> float:
     """What making the permutations cost, evaluation and verification (the same in both modes) left
     out: the shared Hessians once, then each permutation's load, quantization and save."""
@@ -190,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="fp16 model folder")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--gptq", nargs="+", default=DEFAULT_GPTQ, help="bits:group:act|noact, e.g. 4:64:act")
     parser.add_argument("--awq", nargs="*", type=int, default=[], help="AWQ group sizes to add (slow on CPU)")
+    parser.add_argument("--awq-search", nargs="+", default=["coarse_to_fine"], choices=["coarse_to_fine", "full"],
+                        help="AWQ scale searches: one variant per group size and search")
+    parser.add_argument("--awq-check", action="store_true", help="AWQ 4-bit g64 against the GPTQ 4-bit permutations")
     parser.add_argument("--held-out", type=float, default=0.1, help="evaluation share of the text")
     parser.add_argument("--out", default=str(REPO / "build" / "bench-gptq"))
     parser.add_argument("--skip-naive", action="store_true")
@@ -217,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if out.exists():
         shutil.rmtree(out)
+    if args.awq_check:
+        report = awq_check(args, out)
+        (out / "awq.json").write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     if args.sweep:
         if args.gptq == DEFAULT_GPTQ:
             args.gptq = QUICK_SWEEP if args.quick else REFERENCE_SWEEP

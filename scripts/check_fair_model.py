@@ -5,7 +5,10 @@ Prints: build time and folder sizes; mean KL divergence (plain || fair) and gree
 on held-out wikitext tokens (the fair model as saved in fp16 and, for reference, its float32
 weights before saving), both run in float32; and the mean relative Q4_1 round-trip error
 ||W - Q4_1(W)|| / ||W|| over the decoder's linear weights of the plain model, the fair model and
-random Gaussian weights of the same shapes and standard deviations. Nothing is asserted.
+random Gaussian weights of the same shapes and standard deviations; and how salient the input
+channels of the layers AWQ scales are (per layer, the largest channel's mean |x| over the median
+channel's, averaged over the layers): the random rotation of the fair model's residual stream
+spreads its outlier channels, which AWQ's scales are chosen for. Nothing is asserted.
 
     flock /tmp/quantize-heavy.lock .venv/bin/python scripts/check_fair_model.py [--fresh]
 """
@@ -86,6 +89,38 @@ def main() -> None:
     for name, error in errors.items():
         print(f"  {name:<7} {error:.4f}")
     print(f"  fair / random: {errors['fair'] / errors['random']:.3f}")
+
+    print(f"\nSalient input channels (max / median of the per-channel mean |x|, mean over layers; "
+          f"{ids.shape[1]} tokens):")
+    for suffix in AWQ_SCALED_INPUTS:
+        ratios = {name: channel_outlier_ratio(model, ids, suffix) for name, model in (("plain", original), ("fair", fair))}
+        print(f"  {suffix:<22} plain {ratios['plain']:6.1f}   fair {ratios['fair']:6.1f}")
+
+
+# The inputs AWQ chooses scales for in a Llama layer: the attention's and the MLP's input (normed
+# residual stream, read by q/k/v and gate/up) and the MLP's hidden state (read by down).
+AWQ_SCALED_INPUTS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+def channel_outlier_ratio(model, input_ids, suffix: str) -> float:
+    """Per decoder layer, the largest per-channel mean |input| of the linear `suffix` over the median
+    one; averaged over the layers."""
+    import torch
+
+    ratios = []
+
+    def measure(module, args):
+        magnitude = args[0].detach().abs().reshape(-1, args[0].shape[-1]).mean(0)
+        ratios.append(float(magnitude.max() / magnitude.median()))
+
+    handles = [layer.get_submodule(suffix).register_forward_pre_hook(measure) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(ratios) / len(ratios)
 
 
 if __name__ == "__main__":
