@@ -71,8 +71,9 @@ def write_recipe(folder: Path, args, hessian: str | None = None) -> Path:
         "gptq": gptq,
     }
     if args.awq:
+        several = len(args.awq_search) > 1  # then each search gets a branch of its own
         recipe["awq"] = [{"bits": 4, "group_size": group, "scale_search": search,
-                          "branch": f"awq-4bit-{group}g-{search.replace('_', '-')}"}
+                          **({"branch": f"awq-4bit-{group}g-{search.replace('_', '-')}"} if several else {})}
                          for group in args.awq for search in args.awq_search]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "recipe.yaml"

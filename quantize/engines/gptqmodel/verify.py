@@ -71,9 +71,11 @@ def generate_check(model, tokenizer, tokens: int = GENERATE_TOKENS) -> int:
 
 def kernel_weight(module, dtype):
     """The [out, in] weight GPTQModel's torch AWQ kernel multiplies by when its input is in `dtype`
-    (its own `dequantize_gemm`, in fp16 unless `dtype` is half precision), or None for other kernels. That kernel computes in fp16 whatever its input, so making it dense through
-    its outputs for the identity matrix is fp16 matrix work (~1 minute for SmolLM2 on a CPU without
-    half-precision units); reading the weight is the same values at once."""
+    (its own `dequantize_gemm`, in fp16 unless `dtype` is half precision), or None for other kernels.
+
+    That kernel computes in fp16 whatever its input, so making it dense through its outputs for the
+    identity matrix is fp16 matrix work (~1 minute for SmolLM2 on a CPU without half-precision
+    units); reading the weight gives the same values at once."""
     import torch
     from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
     from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
