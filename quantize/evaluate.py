@@ -225,22 +225,26 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
     return hasattr(module, "qweight") and hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
+# For a quantized layer, a function of the dtype giving the [out, in] weight its kernel multiplies
+# by, where the engine can read it (engines/gptqmodel/verify.weight_reader); else None.
+WeightReader = Callable[[torch.nn.Module], Callable[[torch.dtype], torch.Tensor] | None]
+
+
 @torch.inference_mode()
 def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE,
-                 weight_of: Callable[[torch.nn.Module, torch.dtype], torch.Tensor | None] | None = None
-                 ) -> torch.nn.Linear:
-    """A Linear with the weights the quantized kernel computes with in `dtype`: its outputs for the
-    identity matrix, or `weight_of(module, dtype)` ([out, in]) where the engine reads them directly."""
+                 weight_reader: WeightReader | None = None) -> torch.nn.Linear:
+    """A Linear with the weights the quantized kernel computes with in `dtype`: read by
+    `weight_reader` where it can, else the kernel's outputs for the identity matrix."""
     device = next((t.device for t in (*module.buffers(), *module.parameters())), torch.device("cpu"))
-    weight = weight_of(module, dtype) if weight_of is not None else None
+    read = weight_reader(module) if weight_reader is not None else None
     has_bias = getattr(module, "bias", None) is not None
-    if weight is None:
+    if read is None:
         identity = torch.eye(module.in_features, dtype=dtype, device=device)
         zeros = torch.zeros(1, module.in_features, dtype=dtype, device=device)
         bias = module(zeros)[0]
         weight = (module(identity) - bias).t().contiguous()
-    elif has_bias:
-        bias = module.bias
+    else:
+        weight, bias = read(dtype), module.bias if has_bias else None
     dense = torch.nn.Linear(module.in_features, module.out_features, bias=has_bias, dtype=dtype, device=device)
     dense.weight.copy_(weight)
     if has_bias:
@@ -248,16 +252,46 @@ def dense_linear(module: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE,
     return dense
 
 
-def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE,
-                              weight_of: Callable[[torch.nn.Module, torch.dtype], torch.Tensor | None] | None = None
+def replace_quantized_linears(model: torch.nn.Module, replacement: Callable[[torch.nn.Module], torch.nn.Module | None]
                               ) -> int:
-    """Replace every quantized linear layer by its dense equivalent (`dense_linear`); returns how many were replaced."""
-    targets = [(name, module) for name, module in model.named_modules() if is_quantized_linear(module)]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dense_linear(module, dtype, weight_of))
-    return len(targets)
+    """Put `replacement(layer)` in place of every quantized linear layer it gives one for; returns how many."""
+    replaced = 0
+    for name, module in [(n, m) for n, m in model.named_modules() if is_quantized_linear(m)]:
+        new = replacement(module)
+        if new is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            replaced += 1
+    return replaced
+
+
+def densify_quantized_linears(model: torch.nn.Module, dtype: torch.dtype = EVAL_DTYPE,
+                              weight_reader: WeightReader | None = None) -> int:
+    """Replace every quantized linear layer by its dense equivalent (`dense_linear`); returns how many."""
+    return replace_quantized_linears(model, lambda layer: dense_linear(layer, dtype, weight_reader))
+
+
+class UnpackedOnUse(torch.nn.Module):
+    """A quantized layer kept packed that multiplies by its weights unpacked in `dtype` on each call:
+    one layer's dense weights at a time, where the kernel's own arithmetic is slow here."""
+
+    def __init__(self, packed: torch.nn.Module, dtype: torch.dtype, read: Callable[[torch.dtype], torch.Tensor]):
+        super().__init__()
+        self.packed, self.dtype, self.read = packed, dtype, read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.packed.bias.to(self.dtype) if getattr(self.packed, "bias", None) is not None else None
+        return torch.nn.functional.linear(x.to(self.dtype), self.read(self.dtype).to(self.dtype), bias).to(x.dtype)
+
+
+def unpack_on_use(model: torch.nn.Module, dtype: torch.dtype, weight_reader: WeightReader) -> int:
+    """Wrap every quantized linear layer whose weights `weight_reader` reads in `UnpackedOnUse`; the
+    others keep their kernels. Returns how many were wrapped."""
+    def wrapped(layer):
+        read = weight_reader(layer)
+        return UnpackedOnUse(layer, dtype, read) if read is not None else None
+
+    return replace_quantized_linears(model, wrapped)
 
 
 def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,

@@ -336,18 +336,39 @@ def test_variants_reload_with_transformers_with_finite_loss(release):
 
 @pytest.mark.slow
 def test_awq_layers_are_made_dense_from_their_weights_exactly_as_through_the_kernel(release):
-    from quantize.engines.gptqmodel.verify import kernel_weight, load_quantized
+    from quantize.engines.gptqmodel.verify import load_quantized, weight_reader
     from quantize.formats.awq import AWQ, AWQVariant
 
     _, out, _ = release
     model = load_quantized(out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT))
     layers = [module for module in model.modules() if is_quantized_linear(module)]
-    assert layers and all(kernel_weight(layer, EVAL_DTYPE) is not None for layer in layers)
+    assert layers and all(weight_reader(layer) is not None for layer in layers)
     for layer in layers:
-        assert torch.equal(dense_linear(layer, EVAL_DTYPE, kernel_weight).weight, dense_linear(layer, EVAL_DTYPE).weight)
+        assert torch.equal(dense_linear(layer, EVAL_DTYPE, weight_reader).weight, dense_linear(layer, EVAL_DTYPE).weight)
     plain = torch.nn.Linear(8, 4)
     plain.qweight = torch.zeros(1)
-    assert kernel_weight(plain, EVAL_DTYPE) is None  # other kernels: through their outputs
+    assert weight_reader(plain) is None  # other kernels: through their outputs
+
+
+@pytest.mark.slow
+def test_streamed_awq_evaluation_unpacks_one_layer_at_a_time_and_scores_as_the_dense_one(release):
+    """With compute.offload: disk the variant is evaluated packed; AWQ's layers, whose kernel computes
+    in fp16, multiply by their weights unpacked for each call: the dense model's logits."""
+    from quantize.engines.gptqmodel.verify import load_quantized, weight_reader
+    from quantize.evaluate import UnpackedOnUse, unpack_on_use
+    from quantize.formats.awq import AWQ, AWQVariant
+
+    _, out, _ = release
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2]])
+    packed = load_quantized(out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT))
+    dense = load_quantized(out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT))
+    layers = sum(is_quantized_linear(module) for module in packed.modules())
+    assert unpack_on_use(packed, EVAL_DTYPE, weight_reader) == layers
+    assert densify_quantized_linears(dense, EVAL_DTYPE, weight_reader) == layers
+    assert sum(isinstance(module, UnpackedOnUse) for module in packed.modules()) == layers
+    assert [name for name, module in packed.named_modules() if type(module) is torch.nn.Linear] == ["lm_head"]
+    with torch.inference_mode():
+        assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-4)
 
 
 @pytest.mark.slow

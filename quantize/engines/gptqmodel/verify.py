@@ -69,19 +69,24 @@ def generate_check(model, tokenizer, tokens: int = GENERATE_TOKENS) -> int:
     return produced
 
 
-def kernel_weight(module, dtype):
-    """The [out, in] weight GPTQModel's torch AWQ kernel multiplies by when its input is in `dtype`
-    (its own `dequantize_gemm`, in fp16 unless `dtype` is half precision), or None for other kernels.
+def weight_reader(module):
+    """For GPTQModel's torch AWQ kernel, a function giving the [out, in] weight it multiplies by for
+    an input in a dtype (its own `dequantize_gemm`, in fp16 unless that dtype is half precision);
+    None for other kernels.
 
     That kernel computes in fp16 whatever its input, so making it dense through its outputs for the
     identity matrix is fp16 matrix work (~1 minute for SmolLM2 on a CPU without half-precision
-    units); reading the weight gives the same values at once."""
+    units), and so is evaluating it packed; reading the weight gives the same values at once."""
     import torch
     from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
     from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
     if not isinstance(module, AwqTorchLinear):
         return None
-    half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-    return dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales.to(half),
-                           bits=module.bits, group_size=module.group_size).t()
+
+    def weight(dtype):
+        half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales.to(half),
+                               bits=module.bits, group_size=module.group_size).t()
+
+    return weight

@@ -27,7 +27,7 @@ from .folder import assemble_release, cast_unquantized_tensors, release_files, r
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
 from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config,
                     supported_model_types)
-from .verify import check_release_folder, generate_check, kernel_weight, load_quantized
+from .verify import check_release_folder, generate_check, load_quantized, weight_reader
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
 SAVE_SUBDIR = ".gptqmodel-save"  # inside the staging folder; removed once the release files are out
@@ -197,7 +197,7 @@ class GPTQModelBackend(Backend):
         assemble_release(saved, staging, self.context.model_path)
 
     def _verify(self, variant: Variant, staging: Path, clock: Stopwatch) -> dict[str, Any]:
-        from ...evaluate import ENGINE, FP16Reference, densify_quantized_linears, score_windows
+        from ...evaluate import ENGINE, FP16Reference, densify_quantized_linears, score_windows, unpack_on_use
         from ...quality import quality_record
 
         store = self.context.store
@@ -210,8 +210,11 @@ class GPTQModelBackend(Backend):
             artifact = needed(variant, FP16Reference)
             reference = store.value(artifact)
         with clock.stage("evaluate"), eager_torch():
+            dtype = device.torch_dtype("eval")
             if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
-                densify_quantized_linears(model, device.torch_dtype("eval"), kernel_weight)
+                densify_quantized_linears(model, dtype, weight_reader)
+            else:  # packed; AWQ's kernel would compute in fp16, so its layers are unpacked one at a time
+                unpack_on_use(model, dtype, weight_reader)
             quality = score_windows(model, reference.file, reference.bos, reference.perplexity)
         del model
         give_back()
