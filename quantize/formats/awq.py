@@ -80,6 +80,9 @@ class AWQFormat(WeightFormatPlugin):
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, AWQ)
 
+    def describe_more(self, spec: AWQVariant) -> str:
+        return f", {'zero point' if spec.zero_point else 'symmetric'}, {spec.scale_search.replace('_', '-')} scale search"
+
     def card_row(self, entry, model_type: str | None) -> dict[str, Any]:
         return self.weight_row(entry, model_type)
 
