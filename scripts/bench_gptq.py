@@ -44,6 +44,8 @@ from pathlib import Path
 
 import yaml
 
+from quantize.engines.gptqmodel.setup import SCALE_SEARCHES  # no torch or GPTQModel on import
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off the Q4_1 grid (README)
 # SmolLM2-135M has hidden size 576: group sizes 64 and 32 divide it, 128 does not.
@@ -177,7 +179,7 @@ def sweep(args, out: Path) -> dict:
 
 def awq_check(args, out: Path) -> dict:
     """AWQ against the GPTQ 4-bit permutations: quantize time and perplexity, one release."""
-    args.gptq, args.awq, args.awq_search = QUICK_SWEEP, [64], ["coarse_to_fine", "full"]
+    args.gptq, args.awq, args.awq_search = QUICK_SWEEP, [64], list(SCALE_SEARCHES)
     args.samples, args.held_out = 16, 0.03
     with full_search_curves() as curves:
         rows = run_release(write_recipe(out, args), out / "release")
@@ -211,7 +213,7 @@ def full_search_curves():
 
     def recording(loss_at, size, strides):
         best, losses = search(loss_at, size, strides)
-        if strides == (1,):
+        if strides == SCALE_SEARCHES["full"]:
             curves.append([losses[point] for point in range(size)])
         return best, losses
 
@@ -225,10 +227,12 @@ def full_search_curves():
 def agreement(curves: list[list[float]]) -> tuple[int, int]:
     """Of these loss curves, how many the coarse-to-fine search minimises as the full one does, and how
     many fall and then rise (where it must)."""
-    from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, grid_minimum
+    from quantize.engines.gptqmodel.setup import grid_minimum
 
-    same = sum(grid_minimum(c.__getitem__, len(c), COARSE_TO_FINE)[0] == grid_minimum(c.__getitem__, len(c), (1,))[0]
-               for c in curves)
+    def pick(curve, search):
+        return grid_minimum(curve.__getitem__, len(curve), SCALE_SEARCHES[search])[0]
+
+    same = sum(pick(c, "coarse_to_fine") == pick(c, "full") for c in curves)
     return same, sum(falls_then_rises(curve) for curve in curves)
 
 
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--gptq", nargs="+", default=DEFAULT_GPTQ, help="bits:group:act|noact, e.g. 4:64:act")
     parser.add_argument("--awq", nargs="*", type=int, default=[], help="AWQ group sizes to add (slow on CPU)")
-    parser.add_argument("--awq-search", nargs="+", default=["coarse_to_fine"], choices=["coarse_to_fine", "full"],
+    parser.add_argument("--awq-search", nargs="+", default=["coarse_to_fine"], choices=list(SCALE_SEARCHES),
                         help="AWQ scale searches: one variant per group size and search")
     parser.add_argument("--awq-check", action="store_true", help="AWQ 4-bit g64 against the GPTQ 4-bit permutations")
     parser.add_argument("--held-out", type=float, default=0.1, help="evaluation share of the text")
