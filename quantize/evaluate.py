@@ -294,17 +294,135 @@ def unpack_on_use(model: torch.nn.Module, dtype: torch.dtype, weight_reader: Wei
     return replace_quantized_linears(model, wrapped)
 
 
+# --- one layer at a time in the evaluation dtype -------------------------------------------------
+
+HEAD_CHUNK_BYTES = 64 * 1024 * 1024  # the output head is cast to the compute dtype this many bytes at a time
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: its ModuleList of `num_hidden_layers` entries."""
+    config = getattr(model, "config", None)
+    count = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError("the model has no list of decoder layers")
+
+
+def _own_float_tensors(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
+    """A module's own floating-point parameters and buffers (not its children's), with the dict each is in."""
+    for store in (module._parameters, module._buffers):
+        for name, tensor in list(store.items()):
+            if tensor is not None and tensor.is_floating_point():
+                yield store, name, tensor
+
+
+def _cast_tensors(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A module's own floating-point parameters and buffers to `dtype`, for good."""
+    for store, name, tensor in _own_float_tensors(module):
+        if tensor.dtype != dtype:
+            store[name] = torch.nn.Parameter(tensor.data.to(dtype), requires_grad=False) \
+                if isinstance(tensor, torch.nn.Parameter) else tensor.to(dtype)
+
+
+def _unpacked_parts(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """A layer's modules except quantized kernels and what is inside them: those compute as their
+    kernels do (GPTQ's dequantizes with its fp16 scales; AWQ's layers unpack in `UnpackedOnUse`)."""
+    packed = [m for m in layer.modules() if is_quantized_linear(m)]
+    inside = {id(c) for m in packed for c in m.modules()}
+    return [m for m in layer.modules() if id(m) not in inside]
+
+
+def _cast_for_forward(layer: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hooks that give `layer` copies of its tensors in `dtype` for its forward pass and put the
+    originals back after: nothing new is allocated in the stored dtype (the originals may be the
+    checkpoint's memory-mapped pages) and nothing is rounded."""
+    parts = _unpacked_parts(layer)
+    originals: list[tuple[dict, str, torch.Tensor]] = []
+
+    def before(*_):
+        for part in parts:
+            for store, name, tensor in _own_float_tensors(part):
+                if tensor.dtype != dtype:
+                    originals.append((store, name, tensor))
+            _cast_tensors(part, dtype)
+
+    def after(*_):
+        for store, name, tensor in originals:
+            store[name] = tensor
+        originals.clear()
+
+    layer.register_forward_pre_hook(before)
+    layer.register_forward_hook(after)
+
+
+def _cast_output(dtype: torch.dtype):
+    def hook(module: torch.nn.Module, inputs, output):
+        return output.to(dtype)
+    return hook
+
+
+def _chunked_head(head: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The head multiplies by its weight cast to `dtype` a block of rows at a time (the head of a big
+    vocabulary is a large share of a small model: no whole copy of it in the compute dtype)."""
+    rows = max(1, HEAD_CHUNK_BYTES // (head.weight.shape[1] * torch.finfo(dtype).bits // 8))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
+        logits = torch.cat([torch.nn.functional.linear(x, block.to(dtype)) for block in head.weight.split(rows)], -1)
+        return logits + head.bias.to(dtype) if getattr(head, "bias", None) is not None else logits
+
+    head.forward = forward
+
+
+def compute_layer_by_layer(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Keep the weights in the dtype they were loaded in (the source's fp16 or bf16, or packed) and
+    compute in `dtype`: each decoder layer is cast to `dtype` for its forward pass and back after,
+    so one layer at a time is held in `dtype`; the embeddings' output is cast, the head multiplies
+    in blocks of rows, and the small rest (norms, rotary tables) is cast once. fp16 and bf16 values
+    are exact in float32, so this computes what the model loaded in `dtype` computes."""
+    layers = decoder_layers(model)
+    stored = next(layers.parameters()).dtype
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if dtype == stored:
+        return model
+    for layer in layers:
+        _cast_for_forward(layer, dtype)
+    embeddings.register_forward_hook(_cast_output(dtype))
+    _chunked_head(head, dtype)
+    kept = {id(t) for part in (layers, embeddings, head) for t in (*part.parameters(), *part.buffers())}
+    for module in model.modules():
+        if not any(id(tensor) in kept for _, _, tensor in _own_float_tensors(module)):
+            _cast_tensors(module, dtype)
+    return model
+
+
+def stored_dtype(model_path: Path) -> torch.dtype:
+    """The dtype a model's weights are stored in (its config's, fp16 or bf16; else fp16)."""
+    import json
+
+    from .devices import source_dtype
+
+    config = model_path / "config.json"
+    return getattr(torch, source_dtype(json.loads(config.read_text()) if config.is_file() else None))
+
+
 def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,
-                    device: str = "cpu", offload_folder: Path | None = None) -> torch.nn.Module:
-    """The source model for evaluation; with `offload_folder` its decoder layers stay on disk there
-    (accelerate's disk offload: each layer is read in for its forward pass), the rest on `device`."""
+                    device: str = "cpu", offload_folder: Path | None = None,
+                    stored: torch.dtype | None = None) -> torch.nn.Module:
+    """The source model for evaluation, computing in `dtype`. With `stored` (the source's dtype) its
+    weights stay in that dtype and one layer at a time is cast (`compute_layer_by_layer`); with
+    `offload_folder` its decoder layers stay on disk there (accelerate's disk offload: each layer is
+    read in for its forward pass, in the dtype its parameters are cast to), the rest on `device`."""
     from transformers import AutoModelForCausalLM
 
     device_map: Any = device
     if offload_folder is not None:
         device_map = streamed_device_map(model_path, device, trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device_map,
-                                                offload_folder=offload_folder, trust_remote_code=trust_remote_code).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=stored or dtype, device_map=device_map,
+                                                 offload_folder=offload_folder,
+                                                 trust_remote_code=trust_remote_code).eval()
+    return compute_layer_by_layer(model, dtype) if stored else model
 
 
 def streamed_device_map(model_path: Path, device: str, trust_remote_code: bool = False) -> dict[str, str]:
@@ -401,7 +519,8 @@ class FP16Reference(Artifact):
         bos = adds_bos(store.context.tokenizer)
         offload_folder = folder / "offload" if self.offload == "disk" else None
         model = load_fp16_model(store.context.model_path, store.context.trust_remote_code,
-                                getattr(torch, self.eval_dtype), self.device, offload_folder)
+                                getattr(torch, self.eval_dtype), self.device, offload_folder,
+                                stored=stored_dtype(store.context.model_path))
         n_vocab = int(model.get_output_embeddings().weight.shape[0])
         nll: list[float] = []
         write_reference(folder / REFERENCE_FILE, EVAL_WINDOW, n_vocab, windows, reference_rows(model, windows, bos, nll))

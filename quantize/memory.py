@@ -6,13 +6,12 @@ shapes (source.ModelFacts), plus what every process pays regardless of the model
 transformers, GPTQModel: RUNTIME_BYTES, measured) and the per-stage working set (Hessians,
 calibration activations, logits). `scripts/bench_memory.py` measures them against real runs.
 
-Without streaming (`compute.offload: none`) GPTQModel holds the whole model in the compute dtype
-while it quantizes (float32 on a CPU: twice the fp16 size), and evaluation holds the fp16 model
-(or the quantized one, made dense) in the evaluation dtype. With `compute.offload: disk` the
-decoder layers stay on disk: GPTQModel's lazy "turtle" source reads one layer at a time from the
-checkpoint and writes finished layers back to disk, and evaluation streams the layers through
-accelerate's disk offload; what stays resident is the embeddings and head, one layer in the
-compute dtype, its Hessians and the calibration activations.
+No stage holds a whole model in a wider dtype than its own. GPTQModel's lazy "turtle" source
+reads one decoder layer at a time from the checkpoint and computes it in the compute dtype
+(float32 on a CPU); finished layers stay packed in memory, or with `compute.offload: disk` go to
+disk. Evaluation holds the fp16 model in its own dtype (or, streaming, reads its layers from the
+checkpoint) and a variant packed, computing one layer at a time in the evaluation dtype
+(evaluate.compute_layer_by_layer). `hessian: shared` loads the whole model in the compute dtype.
 
 llama.cpp's tools memory-map their model file: they run in less memory than its size (the kernel
 pages it in and out, more slowly), so their stages are shown but never refused.
@@ -116,20 +115,29 @@ def layer_solve(s: Shapes) -> int:
     return hessians + s.widest_input ** 2 * HESSIAN_BYTES + weights
 
 
+def unquantized_bytes(facts: "ModelFacts | None") -> int:
+    """What GPTQ/AWQ files keep unquantized (embeddings, head, norms), in the source's dtype."""
+    s = shapes(facts)
+    return s.other_params * SOURCE_BYTES_PER_WEIGHT if s else 0
+
+
 def logits(s: Shapes, window: int) -> int:
     return 2 * window * s.vocab * 4  # the logits and their float32 copy for the loss
 
 
 def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, samples: int, seq_len: int,
-                  offload: str) -> StageMemory | None:
-    """GPTQ or AWQ in GPTQModel's layer-by-layer loop."""
+                  offload: str, packed_bytes: int = 0) -> StageMemory | None:
+    """GPTQ or AWQ in GPTQModel's layer-by-layer loop. Its lazy loader reads the source one layer at a
+    time; the finished layers stay in memory packed (`packed_bytes`: the quantized Linear layers), or
+    with `offload: disk` go to disk."""
     s = shapes(facts)
     if s is None:
         return None
     c = DTYPE_BYTES.get(compute_dtype, 4)
-    model = s.other_params * c + (2 * s.layer_params * c if offload == "disk" else s.linear_params * c)
-    return stage(f"{name}: quantize", {"model": model, "layer solve": layer_solve(s),
-                                       "calibration activations": activations(s, samples, seq_len, c)})
+    parts = {"embeddings, head": s.other_params * c, "two layers": 2 * s.layer_params * c,
+             "packed layers": 0 if offload == "disk" else packed_bytes, "layer solve": layer_solve(s),
+             "calibration activations": activations(s, samples, seq_len, c)}
+    return stage(f"{name}: quantize", parts)
 
 
 def hessian_capture(facts: "ModelFacts | None", compute_dtype: str, seq_len: int, hessian_bytes: int) -> StageMemory | None:
@@ -153,22 +161,22 @@ def solve_from_hessians(name: str, facts: "ModelFacts | None", compute_dtype: st
 
 def evaluation(name: str, facts: "ModelFacts | None", eval_dtype: str, window: int, offload: str,
                quantized_bytes: int | None = None) -> StageMemory | None:
-    """Perplexity with transformers: the fp16 model (`quantized_bytes` None) or a quantized variant
-    (its files' bytes), in the evaluation dtype. Quantized layers are made dense for speed unless
-    streaming; streaming keeps the decoder layers on disk (the fp16 model) or packed (a variant)."""
+    """Perplexity with transformers, computing one decoder layer at a time in the evaluation dtype
+    (evaluate.compute_layer_by_layer). The fp16 model (`quantized_bytes` None) is held in its own
+    dtype, or with `offload: disk` its layers are read from the checkpoint one at a time; a variant
+    is held as its files are (`quantized_bytes`: packed layers, the rest in the source's dtype)
+    whatever the offload."""
     s = shapes(facts)
     if s is None:
         return None
     c = DTYPE_BYTES.get(eval_dtype, 4)
-    other = s.other_params * c
-    if quantized_bytes is None:
-        linears = 2 * s.layer_params * c if offload == "disk" else s.linear_params * c
-        parts = {"model": other + linears}
+    if quantized_bytes is None and offload == "disk":
+        parts = {"embeddings, head": s.other_params * SOURCE_BYTES_PER_WEIGHT, "one layer": s.layer_params * c}
+    elif quantized_bytes is None:
+        parts = {"model": s.params * SOURCE_BYTES_PER_WEIGHT, "one layer": s.layer_params * c}
     else:
-        packed = max(0, quantized_bytes - s.other_params * SOURCE_BYTES_PER_WEIGHT)
-        parts = {"model": other + packed, "dense layers": 0 if offload == "disk" else s.linear_params * c}
-    return stage(name, {**parts, "logits": logits(s, window),
-                        "activations": activations(s, 1, window, c)})
+        parts = {"model (packed)": quantized_bytes, "one layer": s.layer_params * c}
+    return stage(name, {**parts, "logits": logits(s, window), "activations": activations(s, 1, window, c)})
 
 
 def llama_tool(name: str, model_file_bytes: int | None) -> StageMemory | None:
@@ -192,6 +200,26 @@ def offload_scratch(facts: "ModelFacts | None") -> int:
     offload (written once, removed after the evaluation) and GPTQModel's finished layers."""
     s = shapes(facts)
     return s.linear_params * 4 if s else 0
+
+
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold; fixed, so that it never rises with the tensors freed
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def bound_heap() -> None:
+    """Have glibc serve every allocation over MMAP_THRESHOLD with its own mapping, returned to the
+    system when freed.
+
+    glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MB), after
+    which torch's tensors of a layer's size come from its heaps, one per thread, where freed memory
+    stays and fragments: a GPTQ run's RSS then grows with every layer it quantizes. Setting the
+    threshold turns the raising off (what MALLOC_MMAP_THRESHOLD_ does from the environment)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def give_back() -> None:

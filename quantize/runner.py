@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 from .errors import BadInput, QuantizeError
 from .formats import Backend, ReleaseContext, get_format
 from .killpoints import kill_point
+from .memory import bound_heap
 from .manifest import (Manifest, file_entries, mismatches, package_versions, read_manifest, refresh_times,
                        write_manifest)
 from .plan import Plan, Variant
@@ -141,6 +142,7 @@ def produce_one(backend: Backend, variant: Variant, out_dir: Path, tools: dict[s
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     started = time.monotonic()
+    bound_heap()
     produced = backend.produce(variant, staging)
     missing = [p for p in produced.files if not p.is_file()]
     if not produced.files or missing:

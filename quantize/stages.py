@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .memory import bound_heap
+
 WORK_DIR = ".work"
 RECORD_FILE = "artifact.json"
 
@@ -170,6 +172,7 @@ class ArtifactStore:
         partial.mkdir(parents=True)
         self.log(f"{artifact.name}: computing (shared work, once per release)")
         started = time.monotonic()
+        bound_heap()
         with self.output.section("shared") if self.output is not None else nullcontext():
             value = artifact.compute(self, partial)
         seconds = round(time.monotonic() - started, 2)

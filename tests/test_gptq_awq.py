@@ -351,24 +351,34 @@ def test_awq_layers_are_made_dense_from_their_weights_exactly_as_through_the_ker
 
 
 @pytest.mark.slow
-def test_streamed_awq_evaluation_unpacks_one_layer_at_a_time_and_scores_as_the_dense_one(release):
-    """With compute.offload: disk the variant is evaluated packed; AWQ's layers, whose kernel computes
-    in fp16, multiply by their weights unpacked for each call: the dense model's logits."""
+def test_verification_keeps_variants_packed_and_scores_as_the_dense_float32_model(release):
+    """A variant is verified as loaded (packed, its other weights fp16), computing one layer at a time in
+    float32; AWQ's layers, whose kernel computes in fp16, multiply by their weights unpacked for each
+    call. The logits are those of the model made dense in float32."""
     from quantize.engines.gptqmodel.verify import load_quantized, weight_reader
-    from quantize.evaluate import UnpackedOnUse, unpack_on_use
+    from quantize.evaluate import UnpackedOnUse, compute_layer_by_layer, decoder_layers, unpack_on_use
     from quantize.formats.awq import AWQ, AWQVariant
 
-    _, out, _ = release
+    plan, out, _ = release
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2]])
-    packed = load_quantized(out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT))
-    dense = load_quantized(out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT))
-    layers = sum(is_quantized_linear(module) for module in packed.modules())
-    assert unpack_on_use(packed, EVAL_DTYPE, weight_reader) == layers
-    assert densify_quantized_linears(dense, EVAL_DTYPE, weight_reader) == layers
-    assert sum(isinstance(module, UnpackedOnUse) for module in packed.modules()) == layers
-    assert [name for name, module in packed.named_modules() if type(module) is torch.nn.Linear] == ["lm_head"]
-    with torch.inference_mode():
-        assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-4)
+    for folder, weight_format, spec in ((out / "awq" / "main", AWQ, AWQVariant(**AWQ_4BIT)),
+                                        (out / "gptq" / "main", GPTQ, plan.variants[0].spec)):
+        packed = load_quantized(folder, weight_format, spec, stored=torch.float16)
+        dense = load_quantized(folder, weight_format, spec)
+        layers = sum(is_quantized_linear(module) for module in packed.modules())
+        unpacked = unpack_on_use(packed, EVAL_DTYPE, weight_reader)
+        compute_layer_by_layer(packed, EVAL_DTYPE)
+        assert densify_quantized_linears(dense, EVAL_DTYPE, weight_reader) == layers
+        assert sum(isinstance(module, UnpackedOnUse) for module in packed.modules()) == unpacked
+        assert unpacked == (layers if weight_format is AWQ else 0)  # GPTQ's torch kernel computes in float32
+        assert [name for name, module in packed.named_modules() if type(module) is torch.nn.Linear] == ["lm_head"]
+        with torch.inference_mode():
+            held, made_dense = packed(ids).logits, dense(ids).logits
+        assert {p.dtype for p in decoder_layers(packed).parameters()} == {torch.float16}  # back after the forward
+        assert torch.allclose(held, made_dense, atol=1e-4)
+        if weight_format is GPTQ:  # the kernel loaded in float32 (its scales stay fp16) computes the same numbers
+            with torch.inference_mode():
+                assert torch.equal(held, load_quantized(folder, weight_format, spec)(ids).logits)
 
 
 @pytest.mark.slow

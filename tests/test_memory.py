@@ -4,6 +4,9 @@ can't fit, and streaming layers from disk (compute.offload: disk) giving the sam
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,8 +40,13 @@ def test_plan_shows_the_peak_memory_of_every_stage(tiny_model, write_recipe, cap
     assert set(stages) == {"fp16_reference", "gptq/main: quantize", "gptq/main: verify", "gguf_convert",
                            "gguf_reference", "gguf/Q4_K_M: quantize", "gguf/Q4_K_M: perplexity"}
     facts = plan.source.facts
+    shapes = memory.shapes(facts)
     quantize = stages["gptq/main: quantize"]
-    assert dict(quantize.parts)["model"] == facts.param_count * 4  # the whole model in float32 on a CPU
+    parts = dict(quantize.parts)  # GPTQModel's lazy loader: one layer at a time in float32, finished ones packed
+    assert parts["embeddings, head"] == shapes.other_params * 4 and parts["two layers"] == 2 * shapes.layer_params * 4
+    assert 0 < parts["packed layers"] < shapes.linear_params * 2
+    reference = dict(stages["fp16_reference"].parts)  # the model in its own fp16, one layer at a time in float32
+    assert reference["model"] == facts.param_count * 2 and reference["one layer"] == shapes.layer_params * 4
     assert quantize.bytes == sum(size for _, size in quantize.parts) > memory.RUNTIME_BYTES
     assert stages["gguf/Q4_K_M: quantize"].mapped and not quantize.mapped
     assert plan.peak_memory().stage == max((m for m in stages.values() if not m.mapped), key=lambda m: m.bytes).stage
@@ -55,11 +63,13 @@ def test_streaming_plans_one_layer_resident(tiny_model, write_recipe, capsys):
     recipe = write_recipe(tiny_recipe(tiny_model, **GPTQ_AND_GGUF, compute={"device": "cpu"}))
     held, streamed = stages_of(api.plan(recipe)), stages_of(api.plan(recipe, offload="disk"))
     shapes = memory.shapes(api.plan(recipe).source.facts)
-    for name in ("gptq/main: quantize", "fp16_reference"):  # two layers resident at most: all of this tiny model's
-        assert streamed[name].bytes <= held[name].bytes, name
-    assert streamed["gptq/main: verify"].bytes < held["gptq/main: verify"].bytes
-    assert dict(streamed["gptq/main: quantize"].parts)["model"] == (shapes.other_params + 2 * shapes.layer_params) * 4
-    assert "dense layers" not in dict(streamed["gptq/main: verify"].parts)
+    assert streamed["gptq/main: quantize"].bytes < held["gptq/main: quantize"].bytes  # no packed layers kept
+    assert "packed layers" not in dict(streamed["gptq/main: quantize"].parts)
+    reference = dict(streamed["fp16_reference"].parts)
+    assert reference == {"runtime": memory.RUNTIME_BYTES, "embeddings, head": shapes.other_params * 2,
+                         "one layer": shapes.layer_params * 4, **{k: v for k, v in reference.items()
+                                                                  if k in ("logits", "activations")}}
+    assert streamed["gptq/main: verify"] == held["gptq/main: verify"]  # packed, one layer made float32 at a time
     code, out, _ = run_cli(capsys, "plan", recipe, "--offload", "disk", "--json")
     assert code == 0 and json.loads(out)["memory"]["offload"] == "disk"
     code, _, err = run_cli(capsys, "plan", recipe, "--offload", "ram")
@@ -103,7 +113,7 @@ def test_finished_variants_and_cached_work_need_nothing(tiny_model, write_recipe
     monkeypatch.setattr(memory, "free_disk", lambda folder: 0)
     plan = api.plan(write_recipe(tiny_recipe(tiny_model, **GPTQ_AND_GGUF)))
     memory.check_resources(plan, tmp_path, pending=[])  # nothing left to make: nothing to refuse
-    with pytest.raises(api.BadInput, match="gptq/main: (quantize|verify) needs"):
+    with pytest.raises(api.BadInput, match="(gptq/main: (quantize|verify)|fp16_reference) needs"):
         memory.check_resources(plan, tmp_path, pending=["gptq/main"])
     with pytest.raises(api.BadInput, match="fp16_reference needs"):  # GGUF is scored against the fp16 reference
         memory.check_resources(plan, tmp_path, pending=["gguf/Q4_K_M"])
@@ -113,6 +123,8 @@ def test_finished_variants_and_cached_work_need_nothing(tiny_model, write_recipe
 
 
 def test_streamed_fp16_reference_matches_the_resident_one(tiny_model, tmp_path):
+    import torch
+
     from quantize.evaluate import load_fp16_model, reference_rows
 
     windows = [[(7 * i + 3 * j) % 4000 + 10 for j in range(64)] for i in range(2)]
@@ -124,18 +136,57 @@ def test_streamed_fp16_reference_matches_the_resident_one(tiny_model, tmp_path):
         return nll
 
     held = window_nlls(load_fp16_model(tiny_model))
-    streamed_model = load_fp16_model(tiny_model, offload_folder=tmp_path / "offload")
+    streamed_model = load_fp16_model(tiny_model, offload_folder=tmp_path / "offload", stored=torch.float16)
     assert any(p.device.type == "meta" for p in streamed_model.model.layers.parameters())  # layers not in memory
-    assert window_nlls(streamed_model) == pytest.approx(held, rel=1e-6)
+    assert streamed_model.get_input_embeddings().weight.dtype == torch.float16
+    assert window_nlls(streamed_model) == held  # each layer read in fp16 and computed in float32: the same numbers
 
 
-def quantize_tiny(model_dir, target, offload_folder=None):
+def test_layer_by_layer_computes_what_the_float32_model_computes(tiny_model):
+    """The fp16 model held in fp16, each layer cast to float32 for its forward pass: the same numbers
+    as the whole model loaded in float32, and afterwards every layer is fp16 again."""
+    import torch
+
+    from quantize.evaluate import decoder_layers, load_fp16_model, window_logits
+
+    ids = [(13 * j) % 4000 + 10 for j in range(96)]
+    whole = window_logits(load_fp16_model(tiny_model, dtype=torch.float32), ids)
+    model = load_fp16_model(tiny_model, dtype=torch.float32, stored=torch.float16)
+    assert torch.equal(window_logits(model, ids), whole)
+    assert {p.dtype for p in decoder_layers(model).parameters()} == {torch.float16}
+    assert model.get_input_embeddings().weight.dtype == torch.float16
+
+
+def test_rewriting_safetensors_casts_one_tensor_at_a_time(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from quantize.engines.gptqmodel.folder import cast_unquantized_tensors, rewrite_safetensors
+
+    tensors = {"embed.weight": torch.randn(3, 5), "q.scales": torch.randn(7), "q.qweight": torch.randint(0, 99, (4, 4), dtype=torch.int32),
+               "q.g_idx": torch.arange(5, dtype=torch.int32), "scalar": torch.tensor(2.5), "empty": torch.zeros(0)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    cast_unquantized_tensors(tmp_path, "bfloat16")
+    out = load_file(str(tmp_path / "model.safetensors"))
+    assert set(out) == set(tensors)
+    assert torch.equal(out["embed.weight"], tensors["embed.weight"].to(torch.bfloat16))
+    assert torch.equal(out["q.scales"], tensors["q.scales"].half())  # scales are fp16 whatever the source
+    assert torch.equal(out["q.qweight"], tensors["q.qweight"]) and torch.equal(out["q.g_idx"], tensors["q.g_idx"])
+    assert out["scalar"].item() == 2.5 and out["empty"].shape == (0,) and out["empty"].dtype == torch.bfloat16
+    before = (tmp_path / "model.safetensors").stat().st_mtime_ns
+    assert not rewrite_safetensors(tmp_path / "model.safetensors", lambda name, dtype: out[name].dtype, {"format": "pt"})
+    assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before  # nothing to change: not rewritten
+
+
+def quantize_tiny(model_dir, target, offload_folder=None, keep_in_memory=False):
     from quantize.engines.gptqmodel.setup import load_unquantized
     from quantize.engines.gptqmodel.weights import calibration_batch
     from quantize.formats.gptq import GPTQ, GPTQVariant
 
     spec = GPTQVariant(bits=4, group_size=128, act_order=True)
     model = load_unquantized(model_dir, "float32", GPTQ.quantize_config(spec, None, offload_folder))
+    if keep_in_memory:  # read lazily, finished layers kept (what offload: none does)
+        model.quantize_config.offload_to_disk = False
     windows = [[(31 * i + 17 * j) % 40000 + 100 for j in range(128)] for i in range(4)]
     model.quantize(calibration_batch(windows), batch_size=1, backend=GPTQ.backend_for(None))
     model.save(str(target))
@@ -143,12 +194,68 @@ def quantize_tiny(model_dir, target, offload_folder=None):
 
 
 def test_streaming_gives_the_same_gptq_weights(tiny_model, tmp_path):
-    """Streaming changes where the layers wait, not the computation: the packed tensors are identical."""
+    """Streaming changes where the layers wait, not the computation: the packed tensors are identical
+    whether the model is loaded whole, read a layer at a time and kept, or read and written back to disk."""
     from safetensors.torch import load_file
 
-    held = quantize_tiny(tiny_model, tmp_path / "held")
+    whole = quantize_tiny(tiny_model, tmp_path / "whole")
+    lazy = quantize_tiny(tiny_model, tmp_path / "lazy", tmp_path / "offload-lazy", keep_in_memory=True)
     streamed = quantize_tiny(tiny_model, tmp_path / "streamed", tmp_path / "offload")
-    a, b = (load_file(str(next(folder.glob("*.safetensors")))) for folder in (held, streamed))
-    assert set(a) == set(b) and any(name.endswith("qweight") for name in a)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and bool((a[name] == b[name]).all()), name
+    assert not any((tmp_path / "offload-lazy").rglob("*.safetensors"))  # nothing went to disk
+    a = load_file(str(next(whole.glob("*.safetensors"))))
+    assert any(name.endswith("qweight") for name in a)
+    for folder in (lazy, streamed):
+        b = load_file(str(next(folder.glob("*.safetensors"))))
+        assert set(a) == set(b)
+        for name in a:
+            assert a[name].dtype == b[name].dtype and bool((a[name] == b[name]).all()), (folder.name, name)
+
+
+HEAP_PROBE = """
+import sys, torch
+from quantize.memory import bound_heap
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+if sys.argv[1] == "bound":
+    bound_heap()
+before = rss()
+freed = torch.ones(20 * 2**20 // 4); del freed  # a mapped block freed: glibc raises its threshold to 20 MB
+layer = torch.ones(16 * 2**20 // 4); above = torch.ones(2**18); del layer  # a layer, then a tensor after it
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_freed_layers_go_back_to_the_system_with_the_heap_bounded():
+    """Without bound_heap, a 16 MB tensor freed after glibc raised its mmap threshold stays in the
+    process (the heap can't shrink past the tensor allocated after it); with it, it is unmapped."""
+    grown = {mode: int(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
+                                      check=True).stdout) for mode in ("bound", "plain")}
+    assert grown["plain"] > 12 * 2**20, grown  # the probe shows the problem (measured 18 MB)
+    assert grown["bound"] < 6 * 2**20, grown  # measured 2.5 MB: the 1 MB tensor and the allocator's own
+
+
+def test_a_quantized_model_is_freed_although_gptqmodel_still_refers_to_it(tiny_model, tmp_path):
+    import gc
+    import weakref
+
+    from gptqmodel.nn_modules.hooked_linear import STOP_FORWARD_EXCEPTION
+
+    from quantize.engines.gptqmodel.setup import load_unquantized, release_model
+    from quantize.engines.gptqmodel.weights import calibration_batch
+    from quantize.formats.gptq import GPTQ, GPTQVariant
+
+    spec = GPTQVariant(bits=4, group_size=128)
+    model = load_unquantized(tiny_model, "float32", GPTQ.quantize_config(spec, None, tmp_path / "offload"))
+    model.quantize_config.offload_to_disk = False
+    model.quantize(calibration_batch([[(7 * j) % 4000 + 10 for j in range(128)] for _ in range(2)]), batch_size=1,
+                   backend=GPTQ.backend_for(None))
+    held = weakref.ref(model.model)
+    assert STOP_FORWARD_EXCEPTION.__traceback__ is not None  # what keeps the model: the problem is still there
+    release_model(model)
+    assert STOP_FORWARD_EXCEPTION.__traceback__ is None
+    assert {t.device.type for t in (*model.model.parameters(), *model.model.buffers())} == {"meta"}
+    del model
+    gc.collect()
+    if held() is not None:  # GPTQModel's pool may still hold it: then only as an empty shell
+        assert all(t.device.type == "meta" for t in held().parameters())

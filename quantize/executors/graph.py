@@ -3,10 +3,10 @@ from, then one task per variant, after the artifacts it needs; each with the res
 
 Resources come from the plan alone, without a format's name: a task computing on a CUDA device
 (a variant's `device`, or an artifact's, such as the fp16 reference or GPTQ Hessians) needs one
-GPU; every task needs `cpus` CPUs; memory is estimated from the source model's parameter count:
-a task that loads the model in torch holds it in its compute dtype (on the host: the whole model
-on a CPU, the fp16 weights while they are moved to a GPU) plus its own output, any other task
-(llama.cpp's tools, tokenizing) the largest file it reads or writes, plus a margin.
+GPU; every task needs `cpus` CPUs; a task that loads the model in torch needs the plan's peak
+memory for its stages (quantize/memory.py), or without one the whole model in its compute dtype
+(the fp16 weights on the host for a GPU) plus its own output; any other task (llama.cpp's tools,
+tokenizing) the largest file it reads or writes, plus a margin.
 """
 
 from __future__ import annotations
@@ -78,10 +78,20 @@ def loads_model(thing: Variant | Artifact) -> bool:
     return device_name(thing) is not None
 
 
+def planned_peak(thing: Variant | Artifact) -> int | None:
+    """The plan's largest peak-memory estimate among the stages a task runs in memory (quantize/memory.py)."""
+    stages = thing.memory() if isinstance(thing, Artifact) else thing.memory
+    stages = stages if isinstance(stages, tuple) else (stages,)
+    return max((m.bytes for m in stages if m is not None and not m.mapped), default=None)
+
+
 def task_memory(plan: Plan, thing: Variant | Artifact, needs: tuple[Artifact, ...], output: int | None) -> int | None:
     if plan.source.facts is None or not plan.source.facts.param_count:
         return None
     if loads_model(thing):
+        planned = planned_peak(thing)
+        if planned:
+            return planned
         device = getattr(thing, "device", None)
         dtype = (getattr(device, "compute_dtype", None) or getattr(thing, "dtype", None)
                  or getattr(thing, "eval_dtype", None) or "float32")

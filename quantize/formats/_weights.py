@@ -128,7 +128,8 @@ class WeightFormatPlugin(Format):
             windows = WindowsArtifact(tokens, calib.samples, calib.seq_len, calib.seed)
             variant_id = f"{self.name}/{branch}"
             size = weight_bytes(source.facts, spec.bits, spec.group_size)
-            stages = (self.quantize_memory(variant_id, index, spec, calib, source, device, offload),
+            packed = max(0, (size or 0) - memory.unquantized_bytes(source.facts))
+            stages = (self.quantize_memory(variant_id, index, spec, calib, source, device, offload, packed),
                       memory.evaluation(f"{variant_id}: verify", source.facts, device.eval_dtype, EVAL_WINDOW,
                                         offload, size or 0))
             variants.append(Variant(
@@ -140,10 +141,11 @@ class WeightFormatPlugin(Format):
         return variants
 
     def quantize_memory(self, variant_id: str, index: int, spec: WeightVariantSpec, calib, source: "SourceModel",
-                        device: "Device", offload: str):
-        """The peak memory of quantizing one permutation (memory.StageMemory): GPTQModel's layer loop."""
+                        device: "Device", offload: str, packed_bytes: int = 0):
+        """The peak memory of quantizing one permutation (memory.StageMemory): GPTQModel's layer loop,
+        `packed_bytes` its quantized layers."""
         return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
-                                    offload)
+                                    offload, packed_bytes)
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
                     device: "Device") -> tuple:

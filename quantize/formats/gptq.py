@@ -97,9 +97,9 @@ class GPTQFormat(WeightFormatPlugin):
         return (GPTQHessians(windows, source.identity, hessians, device.compute_dtype, device.name,
                              memory.hessian_capture(source.facts, device.compute_dtype, windows.seq_len, hessians)),)
 
-    def quantize_memory(self, variant_id, index, spec: GPTQVariant, calib, source, device, offload):
+    def quantize_memory(self, variant_id, index, spec: GPTQVariant, calib, source, device, offload, packed_bytes=0):
         if spec.hessian != "shared":
-            return super().quantize_memory(variant_id, index, spec, calib, source, device, offload)
+            return super().quantize_memory(variant_id, index, spec, calib, source, device, offload, packed_bytes)
         if offload == "disk":
             raise BadInput(f"gptq[{index}].hessian: shared holds the whole model and every layer's Hessian in "
                            "memory, so it can't stream from disk; use hessian: sequential with compute.offload: disk")

@@ -5,9 +5,10 @@ unquantized tensors exactly as the source had them, tokenizer files copied, run-
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .weights import WeightFormat
@@ -55,19 +56,66 @@ def cast_unquantized_tensors(folder: Path, dtype: str) -> None:
     GPTQModel saves the tensors it did not pack in the dtype it computed in (float32). fp16 and bf16
     values survive the round trip through float32 exactly, so untouched tensors (embeddings, head)
     come out bit-identical to the source, and tensors the algorithm changed (AWQ scales the norms
-    in front of the layers it quantizes) keep their new values.
+    in front of the layers it quantizes) keep their new values. A shard is rewritten one tensor at
+    a time (`rewrite_safetensors`), so this holds one tensor in memory, not the shard.
     """
     import torch
-    from safetensors.torch import load_file, save_file
 
     target = getattr(torch, dtype)
+
+    def wanted(name: str, current: torch.dtype) -> torch.dtype:
+        if not current.is_floating_point:
+            return current
+        return torch.float16 if name.endswith(("scales", ".scale")) else target
+
     for shard in sorted(folder.glob("*.safetensors")):
-        tensors = load_file(str(shard))
-        for name, tensor in tensors.items():
-            if tensor.is_floating_point():
-                tensors[name] = tensor.to(torch.float16 if name.endswith(("scales", ".scale")) else target).contiguous()
-        save_file(tensors, str(shard), metadata={"format": "pt"})
+        rewrite_safetensors(shard, wanted, metadata={"format": "pt"})
     _update_shard_index(folder)
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def rewrite_safetensors(path: Path, wanted: Callable[[str, Any], Any], metadata: dict[str, str]) -> bool:
+    """Rewrite a .safetensors file with each tensor in `wanted(name, dtype)`, streaming one tensor at a
+    time into a new file that then replaces it; nothing is written when every dtype is already right.
+    Returns whether the file was rewritten."""
+    import torch
+
+    names = {torch_name: code for code, torch_name in SAFETENSORS_DTYPES.items()}
+    with open(path, "rb") as source:
+        header_size = int.from_bytes(source.read(8), "little")
+        header = json.loads(source.read(header_size))
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    dtypes = {name: getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]]) for name, entry in entries}
+    targets = {name: wanted(name, dtype) for name, dtype in dtypes.items()}
+    if all(targets[name] == dtypes[name] for name in dtypes) and header.get("__metadata__") == metadata:
+        return False
+    layout, offset = {"__metadata__": metadata}, 0
+    for name, entry in entries:
+        size = math.prod(entry["shape"]) * torch.finfo(targets[name]).bits // 8 if targets[name].is_floating_point \
+            else entry["data_offsets"][1] - entry["data_offsets"][0]
+        layout[name] = {"dtype": names[str(targets[name]).removeprefix("torch.")], "shape": entry["shape"],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(layout, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    partial = path.with_name(path.name + ".partial")
+    with open(path, "rb") as source, open(partial, "wb") as out:  # read, not memory-mapped: mapped pages count as resident
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for name, entry in entries:
+            begin, end = entry["data_offsets"]
+            source.seek(8 + header_size + begin)
+            raw = bytearray(source.read(end - begin))
+            if not raw:
+                continue
+            tensor = torch.frombuffer(raw, dtype=dtypes[name]).to(targets[name])
+            out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor, raw
+    partial.replace(path)
+    return True
 
 
 def _update_shard_index(folder: Path) -> None:

@@ -37,6 +37,22 @@ def eager_torch() -> Iterator[None]:
         yield
 
 
+def release_model(model) -> None:
+    """Free a GPTQModel model's tensors now, whatever still refers to the model.
+
+    GPTQModel keeps references to a quantized model after `quantize` returns: it stops each
+    calibration forward by raising one module-level exception instance (`STOP_FORWARD_EXCEPTION`),
+    whose traceback keeps the last raise's frames, and its worker pool keeps the last layer's
+    finalize closures. So the tensors are moved to the meta device (their storage freed) and the
+    traceback dropped, rather than waiting for the model to be collected."""
+    from gptqmodel.nn_modules import hooked_linear
+
+    stop = getattr(hooked_linear, "STOP_FORWARD_EXCEPTION", None)
+    if isinstance(stop, BaseException):
+        stop.__traceback__ = stop.__context__ = stop.__cause__ = None
+    model.model.to("meta")
+
+
 def on_gpu(device: str | None) -> dict[str, str]:
     """GPTQModel's `device` keyword for a GPU; nothing on the CPU, whose path stays exactly as it always was."""
     return {"device": device} if device and device.startswith("cuda") else {}

@@ -35,13 +35,15 @@ def check_release_folder(folder: Path, fmt: WeightFormat, spec: Any) -> None:
 
 
 def load_quantized(folder: Path, fmt: WeightFormat, spec: Any, trust_remote_code: bool = False,
-                   device: Device | None = None):
-    """The variant as a user loads it: transformers' AutoModelForCausalLM, on the device (default: the CPU)."""
+                   device: Device | None = None, stored=None):
+    """The variant as a user loads it: transformers' AutoModelForCausalLM, on the device (default: the CPU),
+    its unquantized weights in the evaluation dtype, or in `stored` (a torch dtype) when given."""
     from transformers import AutoModelForCausalLM
 
     from ...evaluate import EVAL_DTYPE
 
     name, dtype = (device.name, device.torch_dtype("eval")) if device is not None else ("cpu", EVAL_DTYPE)
+    dtype = stored or dtype
     with eager_torch(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # we only pick the kernel
         model = AutoModelForCausalLM.from_pretrained(

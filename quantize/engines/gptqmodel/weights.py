@@ -25,7 +25,7 @@ from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config,
+from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config, release_model,
                     supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized, weight_reader
 
@@ -155,13 +155,19 @@ class GPTQModelBackend(Backend):
             from ...evaluate import FP16Reference
 
             store.get(needed(variant, FP16Reference))
-        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if variant.offload == "disk" else None
+        hessians = needed(variant, GPTQHessians, required=False)
+        # GPTQModel's loop reads the source one layer at a time (its lazy loader comes with its offload);
+        # without `offload: disk` the finished, packed layers stay in memory instead of going to disk.
+        # The shared-Hessian solve needs the whole model loaded.
+        streamed = hessians is None
+        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if streamed else None
         try:
             with clock.stage("load"):
                 model = load_unquantized(self.context.model_path, dtype,
                                          fmt.quantize_config(spec, device, offload_folder),
                                          self.context.trust_remote_code, device.name)
-            hessians = needed(variant, GPTQHessians, required=False)
+                if streamed and variant.offload != "disk":
+                    model.quantize_config.offload_to_disk = False
             if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
                 folder = store.get(hessians).folder
                 with clock.stage("quantize"):
@@ -172,6 +178,7 @@ class GPTQModelBackend(Backend):
             damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
             with clock.stage("save"):
                 self._save(model, staging, spec)
+            release_model(model)
             del model, batch
             give_back()
         finally:
@@ -197,24 +204,29 @@ class GPTQModelBackend(Backend):
         assemble_release(saved, staging, self.context.model_path)
 
     def _verify(self, variant: Variant, staging: Path, clock: Stopwatch) -> dict[str, Any]:
-        from ...evaluate import ENGINE, FP16Reference, densify_quantized_linears, score_windows, unpack_on_use
+        """The folder loaded as users load it, its packed layers kept packed and its other weights in the
+        source's dtype, computing one layer at a time in the evaluation dtype (evaluate.compute_layer_by_layer):
+        about the packed size in memory whatever the offload. AWQ's torch kernel computes in fp16, slow
+        on CPUs without half precision, so its layers multiply by their weights unpacked on each call."""
+        import torch
+
+        from ...evaluate import ENGINE, FP16Reference, compute_layer_by_layer, score_windows, unpack_on_use
         from ...quality import quality_record
 
         store = self.context.store
         device = variant.device or CPU
+        dtype = device.torch_dtype("eval")
         check_release_folder(staging, self.weight_format, variant.spec)
         with clock.stage("verify"):
-            model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code, device)
+            model = load_quantized(staging, self.weight_format, variant.spec, self.context.trust_remote_code, device,
+                                   stored=getattr(torch, source_dtype(self.source_config)))
+            unpack_on_use(model, dtype, weight_reader)
+            compute_layer_by_layer(model, dtype)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
             artifact = needed(variant, FP16Reference)
             reference = store.value(artifact)
         with clock.stage("evaluate"), eager_torch():
-            dtype = device.torch_dtype("eval")
-            if variant.offload != "disk":  # dense layers are faster, but as big as the model in the eval dtype
-                densify_quantized_linears(model, dtype, weight_reader)
-            else:  # packed; AWQ's kernel would compute in fp16, so its layers are unpacked one at a time
-                unpack_on_use(model, dtype, weight_reader)
             quality = score_windows(model, reference.file, reference.bos, reference.perplexity)
         del model
         give_back()
