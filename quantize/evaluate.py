@@ -377,13 +377,14 @@ def _chunked_head(head: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def compute_layer_by_layer(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Keep the weights in the dtype they were loaded in (the source's fp16 or bf16, or packed) and
-    compute in `dtype`: each decoder layer is cast to `dtype` for its forward pass and back after,
-    so one layer at a time is held in `dtype`; the embeddings' output is cast, the head multiplies
+    compute in `dtype`: each decoder layer computes with copies of its weights in `dtype`, made for
+    its forward pass and dropped after (`_cast_for_forward`), so one layer at a time is held in
+    `dtype`; the embeddings' output is cast, the head multiplies
     in blocks of rows, and the small rest (norms, rotary tables) is cast once. fp16 and bf16 values
     are exact in float32, so this computes what the model loaded in `dtype` computes."""
     layers = decoder_layers(model)
-    stored = next(layers.parameters()).dtype
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    stored = embeddings.weight.dtype
     if dtype == stored:
         return model
     for layer in layers:
