@@ -218,6 +218,7 @@ def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 if sys.argv[1] == "bound":
     bound_heap()
+torch.ones(2**20).sum()  # torch's threads and their stacks start before the measurement
 before = rss()
 freed = torch.ones(20 * 2**20 // 4); del freed  # a mapped block freed: glibc raises its threshold to 20 MB
 layer = torch.ones(16 * 2**20 // 4); above = torch.ones(2**18); del layer  # a layer, then a tensor after it
@@ -231,8 +232,8 @@ def test_freed_layers_go_back_to_the_system_with_the_heap_bounded():
     process (the heap can't shrink past the tensor allocated after it); with it, it is unmapped."""
     grown = {mode: int(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
                                       check=True).stdout) for mode in ("bound", "plain")}
-    assert grown["plain"] > 12 * 2**20, grown  # the probe shows the problem (measured 18 MB)
-    assert grown["bound"] < 6 * 2**20, grown  # measured 2.5 MB: the 1 MB tensor and the allocator's own
+    assert grown["plain"] > 12 * 2**20, grown  # the probe shows the problem (measured 18-25 MB)
+    assert grown["plain"] - grown["bound"] > 12 * 2**20, grown  # the 16 MB went back (bound: 2.5-8 MB measured)
 
 
 def test_a_quantized_model_is_freed_although_gptqmodel_still_refers_to_it(tiny_model, tmp_path):
