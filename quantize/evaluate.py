@@ -13,8 +13,9 @@ so that:
 
 - GGUF files are scored by llama.cpp itself (`llama-perplexity --kl-divergence`, which reads the
   tokens from that file), and
-- GPTQ/AWQ folders by transformers (quantized layers turned into the dense weights their kernels
-  compute with), against the same file read here (`read_reference`, `score_windows`),
+- GPTQ/AWQ folders by transformers (kept packed, one layer at a time computing in the evaluation
+  dtype: `compute_layer_by_layer`, `unpack_on_use`), against the same file read here
+  (`read_reference`, `score_windows`),
 
 each giving perplexity, mean and 99th-percentile KL divergence to the fp16 model, and top-1
 agreement (the share of scored positions where both predict the same token), under the
