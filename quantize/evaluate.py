@@ -300,13 +300,13 @@ def unpack_on_use(model: torch.nn.Module, dtype: torch.dtype, weight_reader: Wei
 HEAD_CHUNK_BYTES = 64 * 1024 * 1024  # the output head is cast to the compute dtype this many bytes at a time
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its ModuleList of `num_hidden_layers` entries."""
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's stack of decoder layers, and its name: its ModuleList of `num_hidden_layers` entries."""
     config = getattr(model, "config", None)
     count = getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None)
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
+            return name, module
     raise ValueError("the model has no list of decoder layers")
 
 
@@ -318,12 +318,16 @@ def _own_float_tensors(module: torch.nn.Module) -> Iterator[tuple[dict, str, tor
                 yield store, name, tensor
 
 
-def _cast_tensors(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """A module's own floating-point parameters and buffers to `dtype`, for good."""
+def _cast_tensors(module: torch.nn.Module, dtype: torch.dtype) -> list[tuple[dict, str, torch.Tensor]]:
+    """A module's own floating-point parameters and buffers to `dtype` (new Parameters: meta ones of a
+    streamed layer too); returns the tensors replaced, with where each was."""
+    replaced = []
     for store, name, tensor in _own_float_tensors(module):
         if tensor.dtype != dtype:
+            replaced.append((store, name, tensor))
             store[name] = torch.nn.Parameter(tensor.data.to(dtype), requires_grad=False) \
                 if isinstance(tensor, torch.nn.Parameter) else tensor.to(dtype)
+    return replaced
 
 
 def _unpacked_parts(layer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -343,10 +347,7 @@ def _cast_for_forward(layer: torch.nn.Module, dtype: torch.dtype) -> None:
 
     def before(*_):
         for part in parts:
-            for store, name, tensor in _own_float_tensors(part):
-                if tensor.dtype != dtype:
-                    originals.append((store, name, tensor))
-            _cast_tensors(part, dtype)
+            originals.extend(_cast_tensors(part, dtype))
 
     def after(*_):
         for store, name, tensor in originals:
@@ -383,7 +384,7 @@ def compute_layer_by_layer(model: torch.nn.Module, dtype: torch.dtype) -> torch.
     `dtype`; the embeddings' output is cast, the head multiplies
     in blocks of rows, and the small rest (norms, rotary tables) is cast once. fp16 and bf16 values
     are exact in float32, so this computes what the model loaded in `dtype` computes."""
-    layers = decoder_layers(model)
+    _, layers = decoder_layers(model)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     stored = embeddings.weight.dtype
     if dtype == stored:
@@ -397,16 +398,6 @@ def compute_layer_by_layer(model: torch.nn.Module, dtype: torch.dtype) -> torch.
         if not any(id(tensor) in kept for _, _, tensor in _own_float_tensors(module)):
             _cast_tensors(module, dtype)
     return model
-
-
-def stored_dtype(model_path: Path) -> torch.dtype:
-    """The dtype a model's weights are stored in (its config's, fp16 or bf16; else fp16)."""
-    import json
-
-    from .devices import source_dtype
-
-    config = model_path / "config.json"
-    return getattr(torch, source_dtype(json.loads(config.read_text()) if config.is_file() else None))
 
 
 def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,
@@ -435,9 +426,8 @@ def streamed_device_map(model_path: Path, device: str, trust_remote_code: bool =
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    layers = next(name for name, module in shell.named_modules()
-                  if isinstance(module, torch.nn.ModuleList) and len(module) == config.num_hidden_layers)
-    return _leaves(shell, {f"{layers}.{index}": "disk" for index in range(config.num_hidden_layers)}, device)
+    name, layers = decoder_layers(shell)
+    return _leaves(shell, {f"{name}.{index}": "disk" for index in range(len(layers))}, device)
 
 
 def _leaves(shell: torch.nn.Module, layer_map: dict[str, str], device: str) -> dict[str, str]:
@@ -489,6 +479,7 @@ class FP16Reference(Artifact):
     device: str = "cpu"  # where: not an input (the dtype is)
     n_vocab: int = 0  # for the plan's size estimate only
     offload: str = "none"  # disk: the decoder layers stream from disk (not an input: the same figures)
+    stored_dtype: str = "float16"  # the source's weights, held so while evaluating (not an input: the same figures)
     peak: Any = field(default=None, compare=False)  # memory.StageMemory: its peak memory, for the plan
 
     @property
@@ -522,7 +513,7 @@ class FP16Reference(Artifact):
         offload_folder = folder / "offload" if self.offload == "disk" else None
         model = load_fp16_model(store.context.model_path, store.context.trust_remote_code,
                                 getattr(torch, self.eval_dtype), self.device, offload_folder,
-                                stored=stored_dtype(store.context.model_path))
+                                stored=getattr(torch, self.stored_dtype))
         n_vocab = int(model.get_output_embeddings().weight.shape[0])
         nll: list[float] = []
         write_reference(folder / REFERENCE_FILE, EVAL_WINDOW, n_vocab, windows, reference_rows(model, windows, bos, nll))
@@ -550,8 +541,8 @@ def fp16_reference(recipe: "Recipe", source: "SourceModel") -> FP16Reference:
     n_vocab = int((config or {}).get("vocab_size") or (config or {}).get("text_config", {}).get("vocab_size") or 0)
     offload = recipe.compute.offload
     return FP16Reference(tokens, source.identity, recipe.quality.windows, device.eval_dtype, device.name, n_vocab,
-                         offload, memory.evaluation("fp16_reference", source.facts, device.eval_dtype, EVAL_WINDOW,
-                                                    offload))
+                         offload, source_dtype(config),
+                         memory.evaluation("fp16_reference", source.facts, device.eval_dtype, EVAL_WINDOW, offload))
 
 
 __all__ = ["FP16Reference", "Quality", "Reference", "ReferenceFile", "dense_linear", "densify_quantized_linears",

@@ -159,14 +159,14 @@ class GPTQModelBackend(Backend):
         # GPTQModel's loop reads the source one layer at a time (its lazy loader comes with its offload);
         # without `offload: disk` the finished, packed layers stay in memory instead of going to disk.
         # The shared-Hessian solve needs the whole model loaded.
-        streamed = hessians is None
-        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if streamed else None
+        lazy = hessians is None
+        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if lazy else None
         try:
             with clock.stage("load"):
                 model = load_unquantized(self.context.model_path, dtype,
                                          fmt.quantize_config(spec, device, offload_folder),
                                          self.context.trust_remote_code, device.name)
-                if streamed and variant.offload != "disk":
+                if lazy and variant.offload != "disk":
                     model.quantize_config.offload_to_disk = False
             if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
                 folder = store.get(hessians).folder
