@@ -400,6 +400,30 @@ def compute_layer_by_layer(model: torch.nn.Module, dtype: torch.dtype) -> torch.
     return model
 
 
+def page_out_after_use(model: torch.nn.Module) -> torch.nn.Module:
+    """Page out each decoder layer's memory-mapped weights after its forward pass, and the head's
+    after its product (`memory.page_out`), so a model loaded from a checkpoint by memory mapping (as
+    transformers loads safetensors) holds about one layer's weights at a time instead of every page
+    it has touched. Tensors not mapped from a file are left alone."""
+    from .memory import file_mapped_ranges, page_out
+
+    mapped = file_mapped_ranges()
+
+    def spans(module: torch.nn.Module) -> list[tuple[int, int]]:
+        found = []
+        for tensor in (*module.parameters(), *module.buffers()):
+            address = tensor.data_ptr()
+            if tensor.device.type == "cpu" and any(begin <= address < end for begin, end in mapped):
+                found.append((address, tensor.numel() * tensor.element_size()))
+        return found
+
+    _, layers = decoder_layers(model)
+    for module in (*layers, model.get_output_embeddings()):
+        if spans(module):
+            module.register_forward_hook(lambda module, args, output: page_out(spans(module)))
+    return model
+
+
 def load_fp16_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = EVAL_DTYPE,
                     device: str = "cpu", offload_folder: Path | None = None,
                     stored: torch.dtype | None = None) -> torch.nn.Module:

@@ -8,10 +8,12 @@ calibration activations, logits). `scripts/bench_memory.py` measures them agains
 
 No stage holds a whole model in a wider dtype than its own. GPTQModel's lazy "turtle" source
 reads one decoder layer at a time from the checkpoint and computes it in the compute dtype
-(float32 on a CPU); finished layers stay packed in memory, or with `compute.offload: disk` go to
-disk. Evaluation holds the fp16 model in its own dtype (or, streaming, reads its layers from the
-checkpoint) and a variant packed, computing one layer at a time in the evaluation dtype
-(evaluate.compute_layer_by_layer). `hessian: shared` loads the whole model in the compute dtype.
+(float32 on a CPU), the embeddings in the source's dtype; finished layers stay packed in memory, or
+with `compute.offload: disk` go to disk, and the save reads the unquantized tensors from the source.
+Evaluation holds the fp16 model in its own dtype (or, streaming, reads its layers from the
+checkpoint) and a variant packed (or, streaming, memory-mapped, each layer paged out after use),
+computing one layer at a time in the evaluation dtype (evaluate.compute_layer_by_layer).
+`hessian: shared` loads the whole model in the compute dtype.
 
 llama.cpp's tools memory-map their model file: they run in less memory than its size (the kernel
 pages it in and out, more slowly), so their stages are shown but never refused.
@@ -129,13 +131,16 @@ def logits(s: Shapes, window: int) -> int:
 def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, samples: int, seq_len: int,
                   offload: str, packed_bytes: int = 0) -> StageMemory | None:
     """GPTQ or AWQ in GPTQModel's layer-by-layer loop. Its lazy loader reads the source one layer at a
-    time; the finished layers stay in memory packed (`packed_bytes`: the quantized Linear layers), or
-    with `offload: disk` go to disk."""
+    time, the embeddings in the source's dtype (setup.embeddings_in_stored_dtype); the finished layers
+    stay in memory packed (`packed_bytes`: the quantized Linear layers), or with `offload: disk` go to
+    disk."""
     s = shapes(facts)
     if s is None:
         return None
     c = DTYPE_BYTES.get(compute_dtype, 4)
-    parts = {"embeddings, head": s.other_params * c, "two layers": 2 * s.layer_params * c,
+    embeddings = s.vocab * s.hidden
+    parts = {"embeddings": embeddings * SOURCE_BYTES_PER_WEIGHT, "head, norms": (s.other_params - embeddings) * c,
+             "two layers": 2 * s.layer_params * c,
              "packed layers": 0 if offload == "disk" else packed_bytes, "layer solve": layer_solve(s),
              "calibration activations": activations(s, samples, seq_len, c)}
     return stage(f"{name}: quantize", parts)
@@ -165,8 +170,9 @@ def evaluation(name: str, facts: "ModelFacts | None", eval_dtype: str, window: i
     """Perplexity with transformers, computing one decoder layer at a time in the evaluation dtype
     (evaluate.compute_layer_by_layer). The fp16 model (`quantized_bytes` None) is held in its own
     dtype, or with `offload: disk` its layers are read from the checkpoint one at a time; a variant
-    is held as its files are (`quantized_bytes`: packed layers, the rest in the source's dtype)
-    whatever the offload."""
+    is held as its files are (`quantized_bytes`: packed layers, the rest in the source's dtype), or
+    with `offload: disk` memory-mapped with each layer paged out after use
+    (evaluate.page_out_after_use): the unquantized tensors and one packed layer."""
     s = shapes(facts)
     if s is None:
         return None
@@ -175,6 +181,11 @@ def evaluation(name: str, facts: "ModelFacts | None", eval_dtype: str, window: i
         parts = {"embeddings, head": s.other_params * SOURCE_BYTES_PER_WEIGHT, "one layer": s.layer_params * c}
     elif quantized_bytes is None:
         parts = {"model": s.params * SOURCE_BYTES_PER_WEIGHT, "one layer": s.layer_params * c}
+    elif offload == "disk":
+        unquantized = s.other_params * SOURCE_BYTES_PER_WEIGHT
+        parts = {"embeddings, head": unquantized,
+                 "one packed layer": max(0, quantized_bytes - unquantized) // max(s.layers, 1),
+                 "one layer": s.layer_params * c}
     else:
         parts = {"model (packed)": quantized_bytes, "one layer": s.layer_params * c}
     return stage(name, {**parts, "logits": logits(s, window), "activations": activations(s, 1, window, c)})
@@ -221,6 +232,48 @@ def bound_heap() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+MADV_PAGEOUT = 21  # madvise's advice number (Linux 5.4 and later)
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """The address ranges of this process's memory mapped from files (/proc/self/maps; none elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            begin, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((begin, end))
+    return ranges
+
+
+def page_out(spans: Iterable[tuple[int, int]]) -> None:
+    """Have the kernel reclaim the pages of these (address, length) spans now (MADV_PAGEOUT).
+
+    Meant for weights memory-mapped from a checkpoint: their pages count in the RSS once touched and
+    stay until the file is unmapped; paged out, they are read again (from the page cache, as a rule)
+    when next touched. Nothing can be lost: pages with data of their own (anonymous memory, written
+    copies of a file's pages) only go to swap, where there is one. No effect where madvise or the
+    advice is missing."""
+    import ctypes
+    import mmap
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    for address, length in spans:
+        begin = address // page * page
+        end = -(-(address + length) // page) * page
+        if madvise(begin, end - begin, MADV_PAGEOUT) != 0:
+            return  # EINVAL: a kernel without MADV_PAGEOUT
 
 
 def give_back() -> None:

@@ -43,7 +43,9 @@ def test_plan_shows_the_peak_memory_of_every_stage(tiny_model, write_recipe, cap
     shapes = memory.shapes(facts)
     quantize = stages["gptq/main: quantize"]
     parts = dict(quantize.parts)  # GPTQModel's lazy loader: one layer at a time in float32, finished ones packed
-    assert parts["embeddings, head"] == shapes.other_params * 4 and parts["two layers"] == 2 * shapes.layer_params * 4
+    embeddings = shapes.vocab * shapes.hidden  # read in the source's fp16
+    assert parts["embeddings"] == embeddings * 2 and parts["head, norms"] == (shapes.other_params - embeddings) * 4
+    assert parts["two layers"] == 2 * shapes.layer_params * 4
     assert 0 < parts["packed layers"] < shapes.linear_params * 2
     reference = dict(stages["fp16_reference"].parts)  # the model in its own fp16, one layer at a time in float32
     assert reference["model"] == facts.param_count * 2 and reference["one layer"] == shapes.layer_params * 4
@@ -69,7 +71,11 @@ def test_streaming_plans_one_layer_resident(tiny_model, write_recipe, capsys):
     assert reference == {"runtime": memory.RUNTIME_BYTES, "embeddings, head": shapes.other_params * 2,
                          "one layer": shapes.layer_params * 4, **{k: v for k, v in reference.items()
                                                                   if k in ("logits", "activations")}}
-    assert streamed["gptq/main: verify"] == held["gptq/main: verify"]  # packed, one layer made float32 at a time
+    verify = dict(streamed["gptq/main: verify"].parts)  # mapped, each layer paged out after use
+    assert "model (packed)" in dict(held["gptq/main: verify"].parts) and "model (packed)" not in verify
+    assert verify["embeddings, head"] == shapes.other_params * 2 and verify["one layer"] == shapes.layer_params * 4
+    assert 0 < verify["one packed layer"] < shapes.layer_params
+    assert streamed["gptq/main: verify"].bytes < held["gptq/main: verify"].bytes
     code, out, _ = run_cli(capsys, "plan", recipe, "--offload", "disk", "--json")
     assert code == 0 and json.loads(out)["memory"]["offload"] == "disk"
     code, _, err = run_cli(capsys, "plan", recipe, "--offload", "ram")
@@ -179,7 +185,10 @@ def test_rewriting_safetensors_casts_one_tensor_at_a_time(tmp_path):
 
 
 def quantize_tiny(model_dir, target, offload_folder=None, keep_in_memory=False):
-    from quantize.engines.gptqmodel.setup import load_unquantized
+    """A GPTQ permutation of the tiny model as a release makes it; returns the folder and the dtypes of
+    the embeddings' weight and of the first layer's input in the calibration forward."""
+    from quantize.engines.gptqmodel.folder import save_model
+    from quantize.engines.gptqmodel.setup import load_unquantized, quantize_in_loop
     from quantize.engines.gptqmodel.weights import calibration_batch
     from quantize.formats.gptq import GPTQ, GPTQVariant
 
@@ -187,28 +196,78 @@ def quantize_tiny(model_dir, target, offload_folder=None, keep_in_memory=False):
     model = load_unquantized(model_dir, "float32", GPTQ.quantize_config(spec, None, offload_folder))
     if keep_in_memory:  # read lazily, finished layers kept (what offload: none does)
         model.quantize_config.offload_to_disk = False
+    seen = []
+    embeddings, first_layer = model.model.get_input_embeddings(), model.model.model.layers[0]
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((embeddings.weight.dtype, hidden.dtype))
+
+    first_layer.register_forward_pre_hook(record, with_kwargs=True)
     windows = [[(31 * i + 17 * j) % 40000 + 100 for j in range(128)] for i in range(4)]
-    model.quantize(calibration_batch(windows), batch_size=1, backend=GPTQ.backend_for(None))
-    model.save(str(target))
-    return target
+    quantize_in_loop(model, calibration_batch(windows), GPTQ.backend_for(None), "float16")
+    save_model(model, target, model_dir, "float16")
+    return target, set(seen)
 
 
 def test_streaming_gives_the_same_gptq_weights(tiny_model, tmp_path):
     """Streaming changes where the layers wait, not the computation: the packed tensors are identical
-    whether the model is loaded whole, read a layer at a time and kept, or read and written back to disk."""
+    whether the model is loaded whole, read a layer at a time and kept, or read and written back to disk.
+    Read lazily, the embeddings stay fp16 (half the float32 size) and pass float32 on; every file keeps
+    the source's own fp16 embeddings."""
+    import torch
     from safetensors.torch import load_file
 
-    whole = quantize_tiny(tiny_model, tmp_path / "whole")
-    lazy = quantize_tiny(tiny_model, tmp_path / "lazy", tmp_path / "offload-lazy", keep_in_memory=True)
-    streamed = quantize_tiny(tiny_model, tmp_path / "streamed", tmp_path / "offload")
+    whole, whole_seen = quantize_tiny(tiny_model, tmp_path / "whole")
+    lazy, lazy_seen = quantize_tiny(tiny_model, tmp_path / "lazy", tmp_path / "offload-lazy", keep_in_memory=True)
+    streamed, streamed_seen = quantize_tiny(tiny_model, tmp_path / "streamed", tmp_path / "offload")
+    assert whole_seen == {(torch.float32, torch.float32)}
+    assert lazy_seen == streamed_seen == {(torch.float16, torch.float32)}
     assert not any((tmp_path / "offload-lazy").rglob("*.safetensors"))  # nothing went to disk
     a = load_file(str(next(whole.glob("*.safetensors"))))
     assert any(name.endswith("qweight") for name in a)
+    source = load_file(str(next(tiny_model.glob("*.safetensors"))))
+    assert a["model.embed_tokens.weight"].dtype == torch.float16
+    assert torch.equal(a["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
     for folder in (lazy, streamed):
         b = load_file(str(next(folder.glob("*.safetensors"))))
         assert set(a) == set(b)
         for name in a:
             assert a[name].dtype == b[name].dtype and bool((a[name] == b[name]).all()), (folder.name, name)
+
+
+def mapped_rss(path: Path) -> int:
+    """This process's resident bytes of the memory mappings of one file (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            current = len(fields) == 6 and Path(fields[5]) == path
+        elif current and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc")
+def test_paging_out_each_layer_after_use_keeps_the_mapped_model_out_of_memory(tiny_model, tmp_path):
+    """transformers maps the checkpoint; every page a forward pass touches stays resident, unless each
+    layer's pages (and the head's) are paged out after use. The numbers stay the same."""
+    import shutil
+
+    import torch
+
+    from quantize.evaluate import load_fp16_model, page_out_after_use, window_logits
+
+    # a copy no other test has mapped: the kernel pages out only pages this one mapping holds
+    tiny_model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    checkpoint = next(tiny_model.glob("*.safetensors")).resolve()
+    ids = [(13 * j) % 4000 + 10 for j in range(96)]
+    streamed = page_out_after_use(load_fp16_model(tiny_model, dtype=torch.float32, stored=torch.float16))
+    logits = window_logits(streamed, ids)
+    assert mapped_rss(checkpoint) < 0.1 * checkpoint.stat().st_size
+    kept = load_fp16_model(tiny_model, dtype=torch.float32, stored=torch.float16)
+    assert torch.equal(window_logits(kept, ids), logits)
+    assert mapped_rss(checkpoint) > 0.8 * checkpoint.stat().st_size  # without: the file stays resident
 
 
 HEAP_PROBE = """

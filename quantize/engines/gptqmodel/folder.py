@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 if TYPE_CHECKING:
     from .weights import WeightFormat
@@ -51,13 +51,14 @@ def rewrite_configs(folder: Path, fmt: WeightFormat, spec: Any, dtype: str) -> N
 
 
 def cast_unquantized_tensors(folder: Path, dtype: str) -> None:
-    """Float tensors back to the source's dtype, scales to fp16; packed weights, zeros and indexes kept.
+    """Float tensors in the source's dtype, scales in fp16; packed weights, zeros and indexes kept.
 
-    GPTQModel saves the tensors it did not pack in the dtype it computed in (float32). fp16 and bf16
-    values survive the round trip through float32 exactly, so untouched tensors (embeddings, head)
-    come out bit-identical to the source, and tensors the algorithm changed (AWQ scales the norms
-    in front of the layers it quantizes) keep their new values. A shard is rewritten one tensor at
-    a time (`rewrite_safetensors`), so this holds one tensor in memory, not the shard.
+    GPTQModel saves a tensor in the dtype the model holds it in: `save_model` settles the
+    unquantized ones first, so this finds nothing to do as a rule, and is what guarantees the files
+    whatever GPTQModel left in the compute dtype (float32). fp16 and bf16 values survive the round
+    trip through float32 exactly, and tensors the algorithm changed (AWQ scales the norms in front
+    of the layers it quantizes) keep their new values. A shard is rewritten one tensor at a time
+    (`rewrite_safetensors`), and not at all when every dtype is already right.
     """
     import torch
 
@@ -73,8 +74,92 @@ def cast_unquantized_tensors(folder: Path, dtype: str) -> None:
     _update_shard_index(folder)
 
 
+def save_model(model, folder: Path, source_folder: Path, dtype: str) -> None:
+    """GPTQModel's save of a quantized model, its unquantized tensors as the source has them."""
+    settle_unquantized_tensors(model.model, source_folder, dtype)
+    model.save(str(folder))
+    cast_unquantized_tensors(folder, dtype)
+
+
+def settle_unquantized_tensors(model, source_folder: Path, dtype: str) -> None:
+    """The model's unquantized parameters in the source's dtype, before GPTQModel saves it.
+
+    GPTQModel's lazy loader leaves the embeddings and the head on the meta device once its loop is
+    done, and its save reads them back in the compute dtype (float32 on a CPU: twice their stored
+    size, then read once more to be cast back). Here they are read from the source checkpoint in its
+    own dtype, one tensor at a time, so the save holds them at their stored size and writes them as the
+    source has them. Parameters in memory (norms, which AWQ may have scaled) are cast in place; packed
+    layers are left alone. A meta parameter the checkpoint lacks under its name stays for GPTQModel.
+    """
+    import torch
+
+    from .setup import unquantized_parameters
+
+    target = getattr(torch, dtype)
+    pending = {place.key: place for place in unquantized_parameters(model)}
+    on_meta = {name: place.key for place in pending.values() if place.param.is_meta for name in place.names}
+    for name, tensor in read_checkpoint_tensors(source_folder, list(on_meta)):
+        if on_meta[name] in pending:
+            pending.pop(on_meta[name]).replace(tensor.to(target))
+    for place in pending.values():
+        if not place.param.is_meta and place.param.dtype != target:
+            place.replace(place.param.detach().to(target))
+
+
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a .safetensors file."""
+    with open(path, "rb") as source:
+        header_size = int.from_bytes(source.read(8), "little")
+        return header_size, json.loads(source.read(header_size))
+
+
+def stored_dtype(entry: dict[str, Any]):
+    import torch
+
+    return getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
+
+
+def read_tensor(source: BinaryIO, header_size: int, entry: dict[str, Any]):
+    """One tensor of an open .safetensors file, read into memory of its own (not memory-mapped: mapped
+    pages count as resident as long as the file stays mapped)."""
+    import torch
+
+    begin, end = entry["data_offsets"]
+    source.seek(8 + header_size + begin)
+    raw = bytearray(source.read(end - begin))
+    if not raw:
+        return torch.empty(entry["shape"], dtype=stored_dtype(entry))
+    return torch.frombuffer(raw, dtype=stored_dtype(entry)).reshape(entry["shape"])
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the .safetensors file of a model folder that holds it (sharded or not)."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        return {name: folder / shard for name, shard in weight_map.items()}
+    files: dict[str, Path] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        files.update((name, shard) for name in safetensors_header(shard)[1] if name != "__metadata__")
+    return files
+
+
+def read_checkpoint_tensors(folder: Path, names: list[str]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for each of `names` the folder's checkpoint holds, one tensor in memory at a time."""
+    files = checkpoint_files(folder)
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for path, wanted in by_file.items():
+        header_size, header = safetensors_header(path)
+        with open(path, "rb") as source:
+            for name in wanted:
+                yield name, read_tensor(source, header_size, header[name])
 
 
 def rewrite_safetensors(path: Path, wanted: Callable[[str, Any], Any], metadata: dict[str, str]) -> bool:
@@ -84,11 +169,9 @@ def rewrite_safetensors(path: Path, wanted: Callable[[str, Any], Any], metadata:
     import torch
 
     names = {torch_name: code for code, torch_name in SAFETENSORS_DTYPES.items()}
-    with open(path, "rb") as source:
-        header_size = int.from_bytes(source.read(8), "little")
-        header = json.loads(source.read(header_size))
+    header_size, header = safetensors_header(path)
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-    dtypes = {name: getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]]) for name, entry in entries}
+    dtypes = {name: stored_dtype(entry) for name, entry in entries}
     targets = {name: wanted(name, dtype) for name, dtype in dtypes.items()}
     if all(targets[name] == dtypes[name] for name in dtypes) and header.get("__metadata__") == metadata:
         return False
@@ -106,14 +189,10 @@ def rewrite_safetensors(path: Path, wanted: Callable[[str, Any], Any], metadata:
         out.write(len(encoded).to_bytes(8, "little"))
         out.write(encoded)
         for name, entry in entries:
-            begin, end = entry["data_offsets"]
-            source.seek(8 + header_size + begin)
-            raw = bytearray(source.read(end - begin))
-            if not raw:
-                continue
-            tensor = torch.frombuffer(raw, dtype=dtypes[name]).to(targets[name])
-            out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            del tensor, raw
+            tensor = read_tensor(source, header_size, entry)
+            if tensor.numel():
+                out.write(memoryview(tensor.to(targets[name]).reshape(-1).view(torch.uint8).numpy()))
+            del tensor
     partial.replace(path)
     return True
 

@@ -23,9 +23,9 @@ from ...formats.base import Backend, Produced, Variant
 from ...manifest import package_versions
 from ...memory import give_back
 from ...stages import Stopwatch
-from .folder import assemble_release, cast_unquantized_tensors, release_files, rewrite_configs
+from .folder import assemble_release, release_files, rewrite_configs, save_model
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config, release_model,
+from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config, quantize_in_loop, release_model,
                     supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized, weight_reader
 
@@ -174,7 +174,7 @@ class GPTQModelBackend(Backend):
                     quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
             else:
                 with clock.stage("quantize"), fmt.quantizing(spec):
-                    model.quantize(batch, batch_size=1, backend=fmt.backend_for(device))
+                    quantize_in_loop(model, batch, fmt.backend_for(device), source_dtype(self.source_config))
             damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
             with clock.stage("save"):
                 self._save(model, staging, spec)
@@ -197,9 +197,8 @@ class GPTQModelBackend(Backend):
 
     def _save(self, model, staging: Path, spec: Any) -> None:
         saved = staging / SAVE_SUBDIR
-        model.save(str(saved))
         dtype = source_dtype(self.source_config)
-        cast_unquantized_tensors(saved, dtype)
+        save_model(model, saved, self.context.model_path, dtype)
         rewrite_configs(saved, self.weight_format, spec, dtype)
         assemble_release(saved, staging, self.context.model_path)
 
@@ -210,7 +209,8 @@ class GPTQModelBackend(Backend):
         on CPUs without half precision, so its layers multiply by their weights unpacked on each call."""
         import torch
 
-        from ...evaluate import ENGINE, FP16Reference, compute_layer_by_layer, score_windows, unpack_on_use
+        from ...evaluate import (ENGINE, FP16Reference, compute_layer_by_layer, page_out_after_use, score_windows,
+                                 unpack_on_use)
         from ...quality import quality_record
 
         store = self.context.store
@@ -222,6 +222,8 @@ class GPTQModelBackend(Backend):
                                    stored=getattr(torch, source_dtype(self.source_config)))
             unpack_on_use(model, dtype, weight_reader)
             compute_layer_by_layer(model, dtype)
+            if variant.offload == "disk":
+                page_out_after_use(model)
             generated = generate_check(model, self.context.tokenizer)
         with clock.stage("baseline"):
             artifact = needed(variant, FP16Reference)
