@@ -205,7 +205,7 @@ def quantize_tiny(model_dir, target, offload_folder=None, keep_in_memory=False):
 
     first_layer.register_forward_pre_hook(record, with_kwargs=True)
     windows = [[(31 * i + 17 * j) % 40000 + 100 for j in range(128)] for i in range(4)]
-    quantize_in_loop(model, calibration_batch(windows), GPTQ.backend_for(None), "float16")
+    quantize_in_loop(model, calibration_batch(windows), GPTQ.backend_for(None), model_dir)
     save_model(model, target, model_dir, "float16")
     return target, set(seen)
 

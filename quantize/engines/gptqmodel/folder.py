@@ -148,6 +148,13 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def checkpoint_dtype(folder: Path, names: list[str]):
+    """The dtype the folder's checkpoint stores the first of `names` it holds in (None: none of them)."""
+    files = checkpoint_files(folder)
+    name = next((n for n in names if n in files), None)
+    return stored_dtype(safetensors_header(files[name])[1][name]) if name else None
+
+
 def read_checkpoint_tensors(folder: Path, names: list[str]) -> Iterator[tuple[str, Any]]:
     """(name, tensor) for each of `names` the folder's checkpoint holds, one tensor in memory at a time."""
     files = checkpoint_files(folder)

@@ -92,9 +92,10 @@ def unquantized_parameters(model) -> list[ParameterPlace]:
 
 
 @contextmanager
-def embeddings_in_stored_dtype(model, stored: str) -> Iterator[None]:
-    """While GPTQModel's loop runs lazily, its input embeddings (tied head included) are read in the
-    source's dtype and their output cast to the compute dtype.
+def embeddings_in_stored_dtype(model, source_folder) -> Iterator[None]:
+    """While GPTQModel's loop reads the source lazily, its input embeddings (tied head included) are
+    read in the dtype the checkpoint stores them in (fp16, bf16) and their output cast to the compute
+    dtype.
 
     The lazy loader materializes a meta parameter in that parameter's dtype. Left in the compute
     dtype (float32 on a CPU) the embeddings took twice their stored size plus the read while the
@@ -102,16 +103,18 @@ def embeddings_in_stored_dtype(model, stored: str) -> Iterator[None]:
     values are float32 values, so the layers get exactly the inputs they had."""
     import torch
 
+    from .folder import checkpoint_dtype
+
     shell = model.model
     embeddings = shell.get_input_embeddings()
     weight = getattr(embeddings, "weight", None)
-    target = getattr(torch, stored)
-    if weight is None or not weight.is_meta or weight.dtype == target:
+    place = next((p for p in unquantized_parameters(shell) if p.param is weight), None)
+    stored = checkpoint_dtype(source_folder, place.names) if place is not None and weight.is_meta else None
+    if stored is None or not stored.is_floating_point or stored.itemsize >= weight.dtype.itemsize:
         yield
         return
     compute = weight.dtype
-    place = next(p for p in unquantized_parameters(shell) if p.param is weight)
-    place.replace(torch.empty(weight.shape, dtype=target, device="meta"))
+    place.replace(torch.empty(weight.shape, dtype=stored, device="meta"))
     handle = embeddings.register_forward_hook(lambda module, args, output: output.to(compute))
     try:
         yield
@@ -119,10 +122,10 @@ def embeddings_in_stored_dtype(model, stored: str) -> Iterator[None]:
         handle.remove()
 
 
-def quantize_in_loop(model, batch: list, backend: str, stored: str) -> None:
-    """GPTQModel's layer-by-layer loop over the calibration batch, the embeddings held in the source's
-    dtype `stored` while it reads the source lazily (embeddings_in_stored_dtype)."""
-    with embeddings_in_stored_dtype(model, stored):
+def quantize_in_loop(model, batch: list, backend: str, source_folder) -> None:
+    """GPTQModel's layer-by-layer loop over the calibration batch, the embeddings held in the dtype the
+    source stores them in while it reads the source lazily (embeddings_in_stored_dtype)."""
+    with embeddings_in_stored_dtype(model, source_folder):
         model.quantize(batch, batch_size=1, backend=backend)
 
 

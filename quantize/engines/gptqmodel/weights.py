@@ -174,7 +174,7 @@ class GPTQModelBackend(Backend):
                     quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
             else:
                 with clock.stage("quantize"), fmt.quantizing(spec):
-                    quantize_in_loop(model, batch, fmt.backend_for(device), source_dtype(self.source_config))
+                    quantize_in_loop(model, batch, fmt.backend_for(device), self.context.model_path)
             damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
             with clock.stage("save"):
                 self._save(model, staging, spec)
