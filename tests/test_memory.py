@@ -184,16 +184,18 @@ def test_rewriting_safetensors_casts_one_tensor_at_a_time(tmp_path):
     assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before  # nothing to change: not rewritten
 
 
-def quantize_tiny(model_dir, target, offload_folder=None, keep_in_memory=False):
-    """A GPTQ permutation of the tiny model as a release makes it; returns the folder and the dtypes of
-    the embeddings' weight and of the first layer's input in the calibration forward."""
+def quantize_tiny(model_dir, target, fmt: str, offload_folder=None, keep_in_memory=False):
+    """A GPTQ or AWQ permutation of the tiny model as a release makes it; returns the folder and the
+    dtypes of the embeddings' weight and of the first layer's input in the calibration forward."""
     from quantize.engines.gptqmodel.folder import save_model
     from quantize.engines.gptqmodel.setup import load_unquantized, quantize_in_loop
     from quantize.engines.gptqmodel.weights import calibration_batch
+    from quantize.formats.awq import AWQ, AWQVariant
     from quantize.formats.gptq import GPTQ, GPTQVariant
 
-    spec = GPTQVariant(bits=4, group_size=128, act_order=True)
-    model = load_unquantized(model_dir, "float32", GPTQ.quantize_config(spec, None, offload_folder))
+    weight_format, spec = ((GPTQ, GPTQVariant(bits=4, group_size=128, act_order=True)) if fmt == "gptq"
+                           else (AWQ, AWQVariant(bits=4, group_size=128)))
+    model = load_unquantized(model_dir, "float32", weight_format.quantize_config(spec, None, offload_folder))
     if keep_in_memory:  # read lazily, finished layers kept (what offload: none does)
         model.quantize_config.offload_to_disk = False
     seen = []
@@ -205,22 +207,24 @@ def quantize_tiny(model_dir, target, offload_folder=None, keep_in_memory=False):
 
     first_layer.register_forward_pre_hook(record, with_kwargs=True)
     windows = [[(31 * i + 17 * j) % 40000 + 100 for j in range(128)] for i in range(4)]
-    quantize_in_loop(model, calibration_batch(windows), GPTQ.backend_for(None), model_dir)
+    with weight_format.quantizing(spec):
+        quantize_in_loop(model, calibration_batch(windows), weight_format.backend_for(None), model_dir)
     save_model(model, target, model_dir, "float16")
     return target, set(seen)
 
 
-def test_streaming_gives_the_same_gptq_weights(tiny_model, tmp_path):
-    """Streaming changes where the layers wait, not the computation: the packed tensors are identical
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_streaming_gives_the_same_weights(tiny_model, tmp_path, fmt):
+    """Streaming changes where the layers wait, not the computation: the saved tensors are identical
     whether the model is loaded whole, read a layer at a time and kept, or read and written back to disk.
     Read lazily, the embeddings stay fp16 (half the float32 size) and pass float32 on; every file keeps
-    the source's own fp16 embeddings."""
+    the source's own fp16 embeddings, and AWQ's scaled norms keep their new values."""
     import torch
     from safetensors.torch import load_file
 
-    whole, whole_seen = quantize_tiny(tiny_model, tmp_path / "whole")
-    lazy, lazy_seen = quantize_tiny(tiny_model, tmp_path / "lazy", tmp_path / "offload-lazy", keep_in_memory=True)
-    streamed, streamed_seen = quantize_tiny(tiny_model, tmp_path / "streamed", tmp_path / "offload")
+    whole, whole_seen = quantize_tiny(tiny_model, tmp_path / "whole", fmt)
+    lazy, lazy_seen = quantize_tiny(tiny_model, tmp_path / "lazy", fmt, tmp_path / "offload-lazy", keep_in_memory=True)
+    streamed, streamed_seen = quantize_tiny(tiny_model, tmp_path / "streamed", fmt, tmp_path / "offload")
     assert whole_seen == {(torch.float32, torch.float32)}
     assert lazy_seen == streamed_seen == {(torch.float16, torch.float32)}
     assert not any((tmp_path / "offload-lazy").rglob("*.safetensors"))  # nothing went to disk
@@ -229,6 +233,10 @@ def test_streaming_gives_the_same_gptq_weights(tiny_model, tmp_path):
     source = load_file(str(next(tiny_model.glob("*.safetensors"))))
     assert a["model.embed_tokens.weight"].dtype == torch.float16
     assert torch.equal(a["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+    norms = [name for name in a if name.endswith("layernorm.weight")]
+    assert norms and all(a[name].dtype == torch.float16 for name in norms)
+    changed = sum(not torch.equal(a[name], source[name]) for name in norms)
+    assert changed == (len(norms) if fmt == "awq" else 0)  # AWQ scales the norms in front of what it quantizes
     for folder in (lazy, streamed):
         b = load_file(str(next(folder.glob("*.safetensors"))))
         assert set(a) == set(b)
