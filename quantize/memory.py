@@ -21,6 +21,7 @@ pages it in and out, more slowly), so their stages are shown but never refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -214,6 +215,18 @@ def offload_scratch(facts: "ModelFacts | None") -> int:
     return s.linear_params * 4 if s else 0
 
 
+@functools.cache
+def libc_function(name: str):
+    """A function of the C library this process runs with, looked up once (None where it has none:
+    not glibc, not Linux)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold; fixed, so that it never rises with the tensors freed
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
@@ -226,12 +239,9 @@ def bound_heap() -> None:
     which torch's tensors of a layer's size come from its heaps, one per thread, where freed memory
     stays and fragments: a GPTQ run's RSS then grows with every layer it quantizes. Setting the
     threshold turns the raising off (what MALLOC_MMAP_THRESHOLD_ does from the environment)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    mallopt = libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 MADV_PAGEOUT = 21  # madvise's advice number (Linux 5.4 and later)
@@ -263,9 +273,8 @@ def page_out(spans: Iterable[tuple[int, int]]) -> None:
     import ctypes
     import mmap
 
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    madvise = libc_function("madvise")
+    if madvise is None:
         return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
@@ -282,14 +291,12 @@ def give_back() -> None:
     glibc keeps freed blocks in its heap (torch's large CPU tensors come from it once its mmap
     threshold has risen), so without `malloc_trim` a variant's freed model stays in the process's
     RSS while the next variant loads its own."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    malloc_trim = libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 # --- what this machine has --------------------------------------------------------------------

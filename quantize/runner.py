@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterator
 from .errors import BadInput, QuantizeError
 from .formats import Backend, ReleaseContext, get_format
 from .killpoints import kill_point
-from .memory import bound_heap
 from .manifest import (Manifest, file_entries, mismatches, package_versions, read_manifest, refresh_times,
                        write_manifest)
+from .memory import bound_heap
 from .plan import Plan, Variant
 from .quality import gate_problem
 
