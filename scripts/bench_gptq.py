@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     shared_wikitext = REPO.parent / "shared" / "data" / "wikitext-2"
     if shared_wikitext.is_dir():
         os.environ.setdefault("QUANTIZE_WIKITEXT_DIR", str(shared_wikitext))
+    quick_sweep = args.sweep and args.quick
+    # --sweep --quick scores 100 windows (25,500 tokens) of the last 20% of the text: one permutation's
+    # perplexity change then has a standard error of about 0.5%, where 20 windows left about 1.2%
+    args.held_out = args.held_out or (0.2 if quick_sweep else 0.1)
+    args.windows = args.windows or (100 if quick_sweep else None)
     out = Path(args.out).resolve()
 
     if args.single is not None:
@@ -312,15 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.gptq == DEFAULT_GPTQ:
             args.gptq = QUICK_SWEEP if args.quick else REFERENCE_SWEEP
         if args.quick:
-            # 100 windows (25,500 scored tokens) of the last 20% of the text: one permutation's perplexity
-            # change then has a standard error of about 0.5%, where 20 windows left about 1%
             args.samples = 16
-            args.held_out, args.windows = args.held_out or 0.2, args.windows or 100
-        args.held_out = args.held_out or 0.1
         report = sweep(args, out)
         (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
-    args.held_out = args.held_out or 0.1
     recipe_path = write_recipe(out, args)
     started = time.monotonic()
     release = run_release(recipe_path, out / "release")

@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_gptq import parse_gptq  # noqa: E402
 WIKITEXT = Path(os.environ.get("QUANTIZE_WIKITEXT_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
 MODES = ("shared", "cross", "within", "feedback")
 # the groups GPTQModel's loop quantizes in turn, each group's layers reading one input
@@ -151,8 +154,9 @@ def window_nll(model, windows) -> list[float]:
 
 def main() -> None:
     import torch
-    from gptqmodel import QuantizeConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantize.formats.gptq import GPTQ, GPTQVariant
 
     args = parse_args()
     torch.set_grad_enabled(False)
@@ -161,11 +165,9 @@ def main() -> None:
     print(f"calibration {len(calibration)} x {len(calibration[0])} tokens; scored {len(scored)} x 511 tokens")
     rows = []
     for permutation in args.permutations:
-        bits, group_size, order = permutation.split(":")
+        qcfg = GPTQ.quantize_config(GPTQVariant(**parse_gptq(permutation), damp=args.damp))  # a release's settings
         nll = {}
         for mode in args.modes:
-            qcfg = QuantizeConfig(bits=int(bits), group_size=int(group_size), desc_act=order == "act",
-                                  act_group_aware=False, damp_percent=args.damp, sym=True, true_sequential=True)
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
             started = time.monotonic()
             quantize_model(model, LayerRunner(model, calibration), mode, qcfg)
