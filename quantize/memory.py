@@ -13,7 +13,7 @@ with `compute.offload: disk` go to disk, and the save reads the unquantized tens
 Evaluation holds the fp16 model in its own dtype (or, streaming, reads its layers from the
 checkpoint) and a variant packed (or, streaming, memory-mapped, each layer paged out after use),
 computing one layer at a time in the evaluation dtype (evaluate.compute_layer_by_layer).
-`hessian: shared` loads the whole model in the compute dtype.
+`hessian: shared` streams the same way: its capture and each solve hold one decoder layer at a time.
 
 llama.cpp's tools memory-map their model file: they run in less memory than its size (the kernel
 pages it in and out, more slowly), so their stages are shown but never refused.
@@ -147,23 +147,36 @@ def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, sam
     return stage(f"{name}: quantize", parts)
 
 
-def hessian_capture(facts: "ModelFacts | None", compute_dtype: str, seq_len: int, hessian_bytes: int) -> StageMemory | None:
-    """The shared-Hessian pass: the whole model in the compute dtype and every layer's Hessian sums."""
+def hessian_capture(facts: "ModelFacts | None", compute_dtype: str, samples: int, seq_len: int,
+                    hessian_bytes: int) -> StageMemory | None:
+    """The shared-Hessian pass, one decoder layer at a time (hessians.capture_hessians): the embeddings
+    in the source's dtype, one layer in the compute dtype, every window's layer inputs, and that layer's
+    Hessian sums (each layer's go to disk before the next is read)."""
     s = shapes(facts)
     if s is None:
         return None
     c = DTYPE_BYTES.get(compute_dtype, 4)
-    return stage(f"gptq_hessians_{seq_len}", {"model": s.params * c, "hessians": hessian_bytes,
-                                             "activations": activations(s, 1, seq_len, c)})
+    return stage(f"gptq_hessians_{seq_len}", {"embeddings": s.vocab * s.hidden * SOURCE_BYTES_PER_WEIGHT,
+                                             "one layer": s.layer_params * c,
+                                             "layer Hessians": hessian_bytes // max(s.layers, 1),
+                                             "calibration activations": activations(s, samples, seq_len, c)})
 
 
-def solve_from_hessians(name: str, facts: "ModelFacts | None", compute_dtype: str, hessian_bytes: int) -> StageMemory | None:
-    """A permutation solved from the shared Hessians: the whole model and every Hessian loaded."""
+def solve_from_hessians(name: str, facts: "ModelFacts | None", compute_dtype: str, hessian_bytes: int,
+                        offload: str, packed_bytes: int = 0) -> StageMemory | None:
+    """A permutation solved from the shared Hessians, one decoder layer at a time
+    (hessians.quantize_with_hessians): one layer in the compute dtype and its Hessians, the solve, the
+    finished layers packed in memory (with `offload: disk` on disk), and the unquantized tensors the
+    save reads from the source."""
     s = shapes(facts)
     if s is None:
         return None
     c = DTYPE_BYTES.get(compute_dtype, 4)
-    return stage(f"{name}: quantize", {"model": s.params * c, "hessians": hessian_bytes, "layer solve": layer_solve(s)})
+    return stage(f"{name}: quantize", {"unquantized (save)": s.other_params * SOURCE_BYTES_PER_WEIGHT,
+                                       "one layer": s.layer_params * c,
+                                       "layer Hessians": hessian_bytes // max(s.layers, 1),
+                                       "packed layers": 0 if offload == "disk" else packed_bytes,
+                                       "layer solve": layer_solve(s)})
 
 
 def evaluation(name: str, facts: "ModelFacts | None", eval_dtype: str, window: int, offload: str,

@@ -478,34 +478,93 @@ def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(re
 
 
 @pytest.mark.slow
-def test_hessians_are_the_inputs_second_moment_and_stacked_solves_match_single_ones(tiny_model):
+def test_hessians_are_the_inputs_second_moment_and_stacked_solves_match_single_ones(tiny_model, tmp_path):
     from quantize.engines.gptqmodel import hessians as shared
     from quantize.engines.gptqmodel.setup import load_unquantized
 
     torch.manual_seed(0)
     windows = [torch.randint(0, 49152, (64,)).tolist() for _ in range(3)]
     model = load_unquantized(tiny_model, "float32")
-    found = shared.capture_hessians(model, windows)
+    found = shared.capture_hessians(model, windows, tmp_path)
     linears = shared.decoder_linears(model)
-    assert found.tokens == 192 and len(linears) == 14 and len(found.matrices) == 8  # 4 inputs per layer
+    assert found.tokens == 192 and len(linears) == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hessians.json", "model.layers.0.safetensors",
+                                                          "model.layers.1.safetensors"]
+    assert all(len(found.of_layer(f"model.layers.{i}")) == 4 for i in (0, 1))  # 4 distinct inputs per layer
     assert found.aliases["model.layers.1.self_attn.v_proj"] == "model.layers.1.self_attn.q_proj"
     assert found.aliases["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
+    assert shared.load_hessians(tmp_path) == found
     inputs = []
     hook = linears["model.layers.1.mlp.down_proj"].register_forward_hook(
         lambda module, args, output: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.inference_mode():
         for ids in windows:
-            model.model(input_ids=torch.tensor([ids]))
+            model.model(input_ids=torch.tensor([ids]))  # the whole model's forward, not layer by layer
     hook.remove()
     x = torch.cat(inputs)
-    assert torch.allclose(found.of("model.layers.1.mlp.down_proj"), 2 * x.t() @ x / len(x), rtol=1e-4, atol=1e-7)
+    expected = 2 * x.t() @ x / len(x)
+    assert torch.allclose(found.of_layer("model.layers.1")["model.layers.1.mlp.down_proj"], expected,
+                          rtol=1e-4, atol=1e-7)
 
     config = GPTQ.quantize_config(GPTQVariant(bits=4, group_size=64, act_order=True))
     group = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
-    stacked = shared.solve_group([linears[n] for n in group], found.of(group[0]), found.tokens, config)["parts"]
+    hessian = found.of_layer("model.layers.0")[group[0]]
+    stacked = shared.solve_group([linears[n] for n in group], hessian, found.tokens, config)["parts"]
     for name, together in zip(group, stacked):
-        (alone,) = shared.solve_group([linears[name]], found.of(name), found.tokens, config)["parts"]
+        (alone,) = shared.solve_group([linears[name]], hessian, found.tokens, config)["parts"]
         assert all(torch.equal(a, b) for a, b in zip(together, alone)), name
+
+
+@pytest.mark.slow
+def test_shared_hessians_stream_one_decoder_layer_at_a_time(tiny_model, tmp_path):
+    """The capture and the solve read the model lazily, one decoder layer at a time (each put back on the
+    meta device once done), and give the same Hessians and packed layers as the model held whole."""
+    from quantize.engines.gptqmodel import hessians as shared
+    from quantize.engines.gptqmodel.setup import embeddings_in_stored_dtype, load_streaming, load_unquantized
+
+    torch.manual_seed(0)
+    windows = [torch.randint(0, 49152, (64,)).tolist() for _ in range(3)]
+    resident: list[int] = []
+
+    def watch(model):
+        def count(module, args):
+            resident.append(sum(any(not p.is_meta for p in layer.parameters())
+                                for _, layer in shared.decoder_layers(model)))
+        return [layer.register_forward_pre_hook(count) for _, layer in shared.decoder_layers(model)]
+
+    settings = {"bits": 4, "group_size": 64, "desc_act": True, "damp_percent": 0.1, "sym": True}
+    lazy = load_streaming(tiny_model, "float32", settings, tmp_path / "offload")
+    assert all(p.is_meta for p in lazy.model.parameters())
+    watch(lazy)
+    with embeddings_in_stored_dtype(lazy, tiny_model):
+        streamed = shared.capture_hessians(lazy, windows, tmp_path / "streamed")
+    assert resident and max(resident) == 1  # the layer running, no other
+    assert all(p.is_meta for _, layer in shared.decoder_layers(lazy) for p in layer.parameters())
+    whole = shared.capture_hessians(load_unquantized(tiny_model, "float32"), windows, tmp_path / "whole")
+    for layer in ("model.layers.0", "model.layers.1"):
+        a, b = streamed.of_layer(layer), whole.of_layer(layer)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), layer
+
+    solved = []
+    original = shared.solve_group
+
+    def solve_and_count(members, *args):
+        solved.append(sum(any(not p.is_meta and p.is_floating_point() and p.numel() > 256 for p in layer.parameters())
+                          for _, layer in shared.decoder_layers(lazy)))
+        return original(members, *args)
+
+    lazy = load_streaming(tiny_model, "float32", settings, tmp_path / "offload-solve")
+    shared.solve_group = solve_and_count
+    try:
+        shared.quantize_with_hessians(lazy, streamed, "auto")
+    finally:
+        shared.solve_group = original
+    assert len(solved) == 8 and max(solved) == 1  # 4 input groups per layer; one layer's float weights at a time
+    held = load_unquantized(tiny_model, "float32", lazy.quantize_config)
+    shared.quantize_with_hessians(held, whole, "auto")
+    for name in shared.decoder_linears(held):
+        a, b = lazy.model.get_submodule(name), held.model.get_submodule(name)
+        assert all(torch.equal(getattr(a, t), getattr(b, t)) for t in ("qweight", "qzeros", "scales", "g_idx")), name
 
 
 @pytest.mark.slow

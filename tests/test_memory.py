@@ -82,11 +82,24 @@ def test_streaming_plans_one_layer_resident(tiny_model, write_recipe, capsys):
     assert code == 2 and "--offload" in err
 
 
-def test_shared_hessians_cannot_stream(tiny_model, write_recipe, capsys):
-    recipe = write_recipe(tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128, "hessian": "shared"}],
-                                      compute={"offload": "disk"}))
-    code, _, err = run_cli(capsys, "plan", recipe)
-    assert code == 2 and "gptq[0].hessian: shared" in err and len(err.strip().splitlines()) == 1
+def test_shared_hessians_plan_one_layer_resident(tiny_model, write_recipe, capsys):
+    """The shared capture and each solve stream the model like GPTQModel's loop: no stage holds the
+    whole model in the compute dtype, nor every Hessian; with offload: disk no packed layers either."""
+    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128, "hessian": "shared"}], compute={"device": "cpu"})
+    recipe = write_recipe(data)
+    held, streamed = stages_of(api.plan(recipe)), stages_of(api.plan(recipe, offload="disk"))
+    shapes = memory.shapes(api.plan(recipe).source.facts)
+    hessians = 2 * (3 * 256 ** 2 + 512 ** 2) * 4  # the tiny model's two layers
+    for stages in (held, streamed):
+        capture, solve = dict(stages["gptq_hessians_128"].parts), dict(stages["gptq/main: quantize"].parts)
+        assert capture["one layer"] == solve["one layer"] == shapes.layer_params * 4
+        assert capture["layer Hessians"] == solve["layer Hessians"] == hessians // 2
+        assert capture["embeddings"] == shapes.vocab * shapes.hidden * 2 and "model" not in capture | solve
+    assert 0 < dict(held["gptq/main: quantize"].parts)["packed layers"] < shapes.linear_params * 2
+    assert "packed layers" not in dict(streamed["gptq/main: quantize"].parts)
+    data["compute"]["offload"] = "disk"
+    code, out, _ = run_cli(capsys, "plan", write_recipe(data, "streamed.yaml"), "--json")
+    assert code == 0 and json.loads(out)["memory"]["offload"] == "disk"
 
 
 @pytest.mark.parametrize("offload, hint", [("none", "set compute.offload: disk"), ("disk", "free memory")])

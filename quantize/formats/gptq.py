@@ -13,7 +13,6 @@ from pydantic import field_validator
 
 from .. import memory
 from ..engines.gptqmodel.hessians import GPTQHessians, hessian_bytes
-from ..errors import BadInput
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import GPTQ_BITS, exllama_compatible, gptq_branch_name, gptq_default_description
 from ..schema import group_size_on_disk
@@ -95,16 +94,14 @@ class GPTQFormat(WeightFormatPlugin):
             return ()
         hessians = hessian_bytes(source.facts.config if source.facts else None)
         return (GPTQHessians(windows, source.identity, hessians, device.compute_dtype, device.name,
-                             memory.hessian_capture(source.facts, device.compute_dtype, windows.seq_len, hessians)),)
+                             memory.hessian_capture(source.facts, device.compute_dtype, windows.samples, windows.seq_len,
+                                                    hessians)),)
 
     def quantize_memory(self, variant_id, index, spec: GPTQVariant, calib, source, device, offload, packed_bytes=0):
         if spec.hessian != "shared":
             return super().quantize_memory(variant_id, index, spec, calib, source, device, offload, packed_bytes)
-        if offload == "disk":
-            raise BadInput(f"gptq[{index}].hessian: shared holds the whole model and every layer's Hessian in "
-                           "memory, so it can't stream from disk; use hessian: sequential with compute.offload: disk")
         hessians = hessian_bytes(source.facts.config if source.facts else None)
-        return memory.solve_from_hessians(variant_id, source.facts, device.compute_dtype, hessians)
+        return memory.solve_from_hessians(variant_id, source.facts, device.compute_dtype, hessians, offload, packed_bytes)
 
     def describe_more(self, spec: GPTQVariant) -> str:
         return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"

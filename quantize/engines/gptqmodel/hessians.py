@@ -3,9 +3,15 @@
 GPTQ needs, per linear layer, the Hessian H = 2/N · Σ xᵀx of that layer's inputs over the
 calibration tokens. Bits, group size, act order and damp only change the solve, not H, so every
 permutation with the same calibration can share one pass. In `shared` mode the inputs come from
-the fp16 model itself (one forward pass, hooks on every decoder linear; layers that read the
-same tensor, such as q/k/v and gate/up, share one Hessian). `sequential` mode is GPTQModel's
-own loop, where each layer's inputs come from the already-quantized earlier layers.
+the fp16 model itself (hooks on every decoder linear; layers that read the same tensor, such as
+q/k/v and gate/up, share one Hessian). `sequential` mode is GPTQModel's own loop, where each
+layer's inputs come from the already-quantized earlier layers.
+
+Both halves stream the model as GPTQModel's loop does, so neither holds more than one decoder
+layer in the compute dtype: the capture runs every calibration window through one layer at a time
+(its lazy loader reading that layer from the checkpoint), and writes that layer's Hessians to a
+file of their own; a permutation's solve reads one layer and its Hessians at a time, and its
+packed layers stay in memory or, with `offload: disk`, go to disk as in GPTQModel's loop.
 
 The solve, the packing and the saving are GPTQModel's own (`GPTQ.quantize`, `create_quant_module`,
 `pack_module`, `save`): the folder is the same classic GPTQ checkpoint either way.
@@ -14,6 +20,7 @@ The solve, the packing and the saving are GPTQModel's own (`GPTQ.quantize`, `cre
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,24 +28,37 @@ from typing import Any
 
 from ...stages import Artifact, ArtifactStore
 
-HESSIANS_FILE = "hessians.safetensors"
-ALIASES_FILE = "hessians.json"
+INDEX_FILE = "hessians.json"  # the aliases, the token count and the layers, in order
 BYTES_PER_VALUE = 4  # float32
+
+
+class FirstLayerReached(Exception):
+    """Stops the model's forward where the decoder layers begin: their inputs are all the capture needs."""
+
+
+def decoder_layers(gptq_model) -> list[tuple[str, Any]]:
+    """(full name, module) of every decoder layer, in model order."""
+    layers_node = gptq_model.extract_layers_node()
+    prefixes = layers_node if isinstance(layers_node, (list, tuple)) else [layers_node]
+    found = []
+    for prefix in prefixes:
+        container = gptq_model.model.get_submodule(prefix)
+        found.extend((f"{prefix}.{name}", layer) for name, layer in container.named_children())
+    return found
+
+
+def layer_linears(layer_name: str, layer) -> dict[str, Any]:
+    """The Linear layers GPTQ quantizes inside one decoder layer, by full name."""
+    import torch
+
+    return {f"{layer_name}.{name}": module for name, module in layer.named_modules()
+            if isinstance(module, torch.nn.Linear) and name}
 
 
 def decoder_linears(gptq_model) -> dict[str, Any]:
     """The Linear layers GPTQ quantizes: every nn.Linear inside the decoder layers, by full name."""
-    import torch
-
-    layers_node = gptq_model.extract_layers_node()
-    prefixes = layers_node if isinstance(layers_node, (list, tuple)) else [layers_node]
-    found = {}
-    for prefix in prefixes:
-        container = gptq_model.model.get_submodule(prefix)
-        for name, module in container.named_modules():
-            if isinstance(module, torch.nn.Linear) and name:
-                found[f"{prefix}.{name}"] = module
-    return found
+    return {name: linear for layer_name, layer in decoder_layers(gptq_model)
+            for name, linear in layer_linears(layer_name, layer).items()}
 
 
 def hessian_bytes(config: dict[str, Any] | None) -> int:
@@ -55,79 +75,170 @@ def hessian_bytes(config: dict[str, Any] | None) -> int:
     return layers * (2 * hidden ** 2 + attention_out ** 2 + intermediate ** 2) * BYTES_PER_VALUE
 
 
+def layer_file(folder: Path, layer_name: str) -> Path:
+    return folder / f"{layer_name}.safetensors"
+
+
 @dataclass(frozen=True)
 class Hessians:
-    matrices: dict[str, Any]  # leader module name -> H (float32, columns x columns)
+    """The Hessians of a capture on disk, one file per decoder layer: read one layer at a time."""
+
+    folder: Path
     aliases: dict[str, str]  # module name -> the leader whose input it shares
     tokens: int
 
-    def of(self, name: str):
-        return self.matrices[self.aliases.get(name, name)]
+    def leader(self, name: str) -> str:
+        return self.aliases.get(name, name)
 
+    def of_layer(self, layer_name: str) -> dict[str, Any]:
+        """Leader module name -> H (float32, columns x columns) for one decoder layer."""
+        from safetensors.torch import load_file
 
-def capture_hessians(gptq_model, windows: list[list[int]]) -> Hessians:
-    """One forward pass of the unquantized model over the windows, accumulating xᵀx per layer input."""
-    import torch
-
-    linears = decoder_linears(gptq_model)
-    sums: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[int, tuple[Any, str]] = {}  # id(input) -> (input kept alive, leader) within one layer
-    tokens = 0
-
-    def hook(name):
-        def accumulate(module, args, output):
-            x = args[0]
-            if id(x) in seen and seen[id(x)][0] is x:
-                aliases[name] = seen[id(x)][1]
-                return
-            seen[id(x)] = (x, name)
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            if name not in sums:
-                sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
-            sums[name].addmm_(flat.t(), flat)
-        return accumulate
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
-    layer_names = sorted({name.rsplit(".", 2)[0] for name in linears})
-    for layer_name in layer_names:  # forget inputs between layers: ids may be reused
-        handles.append(gptq_model.model.get_submodule(layer_name).register_forward_pre_hook(lambda *_: seen.clear()))
-    model = gptq_model.model
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for ids in windows:
-                model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                tokens += len(ids)
-                seen.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    matrices = {name: (2.0 / tokens) * total for name, total in sums.items()}
-    return Hessians(matrices, aliases, tokens)
-
-
-def save_hessians(hessians: Hessians, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({name: matrix.contiguous().cpu() for name, matrix in hessians.matrices.items()},
-              str(folder / HESSIANS_FILE))
-    (folder / ALIASES_FILE).write_text(json.dumps({"aliases": hessians.aliases, "tokens": hessians.tokens}, indent=1))
+        return load_file(str(layer_file(self.folder, layer_name)))
 
 
 def load_hessians(folder: Path) -> Hessians:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / ALIASES_FILE).read_text())
-    return Hessians(load_file(str(folder / HESSIANS_FILE)), meta["aliases"], meta["tokens"])
+    index = json.loads((folder / INDEX_FILE).read_text())
+    return Hessians(folder, index["aliases"], index["tokens"])
 
 
-def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto") -> list[dict[str, Any]]:
-    """GPTQModel's solve and packing for every decoder linear, from the given Hessians."""
+def materialize(gptq_model, module, device):
+    """A module of GPTQModel's lazy shell with its weights read from the checkpoint (GPTQModel's own
+    lazy loader, in the model's compute dtype); a module already in memory is moved to `device`."""
+    import torch
+
+    return gptq_model.shell_module_materialize(target_submodule=module, device=torch.device(device))
+
+
+def is_lazy(gptq_model) -> bool:
+    """Whether the model is GPTQModel's lazy shell, whose layers can be put back on the meta device."""
+    return getattr(gptq_model, "turtle_model", None) is not None
+
+
+def first_layer_inputs(gptq_model, windows: list[list[int]], device: str) -> list[tuple[Any, dict[str, Any]]]:
+    """Each window's input to the first decoder layer, and the keyword arguments the model gives its layers
+    (position embeddings, attention mask). Everything before the layers is materialized except the output
+    head; the forward stops where the layers begin."""
+    import torch
+
+    model = gptq_model.model
+    layers = decoder_layers(gptq_model)
+    layer_modules = {id(layer) for _, layer in layers}
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        inside_layers = any(name == prefix or name.startswith(prefix + ".") for prefix, _ in layers)
+        if not inside_layers and module is not head and id(module) not in layer_modules and (
+                any(t.is_meta for t in module.parameters(recurse=False))
+                or any(t.is_meta for t in module.buffers(recurse=False))):
+            materialize(gptq_model, module, device)
+    captured: list[tuple[Any, dict[str, Any]]] = []
+
+    def stop(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise FirstLayerReached
+
+    handle = layers[0][1].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in windows:
+                try:
+                    model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                except FirstLayerReached:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def shared_arguments(arguments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The windows' layer arguments, one object for windows whose arguments are equal (windows of one
+    length have the same positions and mask: one copy of a [seq, seq] mask, not one per window)."""
+    import torch
+
+    def equal(a, b) -> bool:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                    and a.dtype == b.dtype and bool(torch.equal(a, b)))
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and a == b
+
+    kept: list[dict[str, Any]] = []
+    result = []
+    for kwargs in arguments:
+        same = next((k for k in kept if k.keys() == kwargs.keys() and all(equal(k[n], kwargs[n]) for n in k)), None)
+        if same is None:
+            kept.append(kwargs)
+        result.append(same if same is not None else kwargs)
+    return result
+
+
+def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device: str = "cpu") -> Hessians:
+    """The fp16 model's layer inputs over the windows, one decoder layer at a time, accumulating xᵀx per
+    layer input; each layer's Hessians are written to `folder` before the next layer is read.
+
+    Every layer gets the keyword arguments the model gives the first one (positions, mask), as in
+    GPTQModel's own loop."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = first_layer_inputs(gptq_model, windows, device)
+    hidden = [state for state, _ in inputs]
+    arguments = shared_arguments([kwargs for _, kwargs in inputs])
+    del inputs
+    tokens = sum(len(ids) for ids in windows)
+    aliases: dict[str, str] = {}
+    lazy = is_lazy(gptq_model)
+    for layer_name, layer in decoder_layers(gptq_model):
+        layer = materialize(gptq_model, layer, device)
+        sums: dict[str, torch.Tensor] = {}
+        seen: dict[int, tuple[Any, str]] = {}  # id(input) -> (input kept alive, leader), within one window
+
+        def hook(name):
+            def accumulate(module, args, output):
+                x = args[0]
+                if id(x) in seen and seen[id(x)][0] is x:
+                    aliases[name] = seen[id(x)][1]
+                    return
+                seen[id(x)] = (x, name)
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                if name not in sums:
+                    sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
+                sums[name].addmm_(flat.t(), flat)
+            return accumulate
+
+        handles = [module.register_forward_hook(hook(name)) for name, module in layer_linears(layer_name, layer).items()]
+        try:
+            with torch.inference_mode():
+                for index, kwargs in enumerate(arguments):
+                    output = layer(hidden[index], **kwargs)
+                    hidden[index] = output[0] if isinstance(output, (tuple, list)) else output
+                    seen.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+        save_file({name: ((2.0 / tokens) * total).contiguous().cpu() for name, total in sums.items()},
+                  str(layer_file(folder, layer_name)))
+        del sums
+        if lazy:
+            layer.to("meta")
+    (folder / INDEX_FILE).write_text(json.dumps({"aliases": aliases, "tokens": tokens,
+                                                 "layers": [name for name, _ in decoder_layers(gptq_model)]}, indent=1))
+    return Hessians(folder, aliases, tokens)
+
+
+def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto", device: str = "cpu",
+                           offload_folder: Path | None = None) -> list[dict[str, Any]]:
+    """GPTQModel's solve and packing for every decoder linear, from the given Hessians, one decoder layer
+    at a time: read from the checkpoint (a lazy shell), solved, packed, and with `offload_folder` each
+    packed layer written there (GPTQModel's offload_to_disk, as its own loop does)."""
     from gptqmodel.quantization.config import METHOD, resolve_quant_format
     from gptqmodel.utils.backend import normalize_backend
     from gptqmodel.utils.importer import select_quant_linear
     from gptqmodel.utils.model import create_quant_module, pack_module
+    from gptqmodel.utils.offload import offload_to_disk
 
     qcfg = gptq_model.quantize_config
     quant_format = resolve_quant_format(qcfg.format, qcfg.method)
@@ -138,20 +249,29 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
     gptq_model.qlinear_kernel = kernel
     lock = threading.Lock()
     log = []
-    linears = decoder_linears(gptq_model)
-    for group in input_groups(linears, hessians):
-        results = solve_group([linears[name] for name in group], hessians.of(group[0]), hessians.tokens, qcfg)
-        for name, (weights, scales, zeros, g_idx) in zip(group, results["parts"]):
-            linear = linears[name]
-            linear.weight.data = weights.to(linear.weight.dtype)
-            create_quant_module(name=name, linear_cls=kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
-                                dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=gptq_model.model,
-                                submodule=linear, sym=qcfg.sym, device=qcfg.device, lm_head_name=gptq_model.lm_head,
-                                pack_dtype=qcfg.pack_dtype, format=quant_format, register_buffers=False)
-            packed = gptq_model.model.get_submodule(name)
-            pack_module(name=name, qModules={name: packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
-                        layers={name: linear}, quant_linear_cls=kernel, lock=lock, quantize_config=qcfg)
-            log.append({"module": name, "damp": results["damp"], "loss": results["loss"], "time": results["time"]})
+    for layer_name, layer in decoder_layers(gptq_model):
+        layer = materialize(gptq_model, layer, device)
+        matrices = hessians.of_layer(layer_name)
+        linears = layer_linears(layer_name, layer)
+        for group in input_groups(linears, hessians):
+            results = solve_group([linears[name] for name in group], matrices[hessians.leader(group[0])],
+                                  hessians.tokens, qcfg)
+            for name, (weights, scales, zeros, g_idx) in zip(group, results["parts"]):
+                linear = linears[name]
+                linear.weight.data = weights.to(linear.weight.dtype)
+                create_quant_module(name=name, linear_cls=kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
+                                    dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=gptq_model.model,
+                                    submodule=linear, sym=qcfg.sym, device=qcfg.device, lm_head_name=gptq_model.lm_head,
+                                    pack_dtype=qcfg.pack_dtype, format=quant_format, register_buffers=False)
+                packed = gptq_model.model.get_submodule(name)
+                pack_module(name=name, qModules={name: packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
+                            layers={name: linear}, quant_linear_cls=kernel, lock=lock, quantize_config=qcfg)
+                linear.weight.data = linear.weight.data.new_empty(0)  # its float32 copy is no longer needed
+                if offload_folder is not None:
+                    offload_to_disk(module=packed, model=gptq_model.model, disk_path=str(offload_folder), force=True)
+                log.append({"module": name, "damp": results["damp"], "loss": results["loss"],
+                            "time": results["time"]})
+        del matrices
     gptq_model.quantized = True
     qcfg.method = METHOD.GPTQ
     gptq_model.quant_log = log
@@ -162,7 +282,7 @@ def input_groups(linears: dict[str, Any], hessians: Hessians) -> list[list[str]]
     """The linears that read the same input (q/k/v, gate/up), leader first, in model order."""
     groups: dict[str, list[str]] = {}
     for name in linears:
-        groups.setdefault(hessians.aliases.get(name, name), []).append(name)
+        groups.setdefault(hessians.leader(name), []).append(name)
     return list(groups.values())
 
 
@@ -215,7 +335,7 @@ class GPTQHessians(Artifact):
         return self.peak
 
     def inputs(self) -> dict[str, Any]:
-        return {"model": self.source_identity, "dtype": self.dtype, "version": 1}
+        return {"model": self.source_identity, "dtype": self.dtype, "version": 2}  # 2: one file per layer
 
     def needs(self) -> tuple[Artifact, ...]:
         return (self.windows,)
@@ -224,13 +344,20 @@ class GPTQHessians(Artifact):
         return self.estimated
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
-        from .setup import load_unquantized
+        from .setup import OFFLOAD_SUBDIR, embeddings_in_stored_dtype, load_streaming, release_model
 
-        model = load_unquantized(store.context.model_path, self.dtype, trust_remote_code=store.context.trust_remote_code,
-                                 device=self.device)
-        hessians = capture_hessians(model, store.value(self.windows))
-        save_hessians(hessians, folder)
-        return {"tokens": hessians.tokens, "matrices": len(hessians.matrices), "modules": len(decoder_linears(model))}
+        model_path = store.context.model_path
+        offload_folder = store.work_dir / OFFLOAD_SUBDIR / self.name
+        try:
+            model = load_streaming(model_path, self.dtype, {"bits": 4, "group_size": 128}, offload_folder,
+                                   store.context.trust_remote_code, self.device)
+            with embeddings_in_stored_dtype(model, model_path):
+                hessians = capture_hessians(model, store.value(self.windows), folder, self.device)
+            modules = len(decoder_linears(model))
+            release_model(model)
+        finally:
+            shutil.rmtree(offload_folder, ignore_errors=True)
+        return {"tokens": hessians.tokens, "matrices": modules - len(hessians.aliases), "modules": modules}
 
     def load(self, store: ArtifactStore, folder: Path, value: Any) -> Path:
         return folder  # loaded per variant (load_hessians), not held in memory between variants

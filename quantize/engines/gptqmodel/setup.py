@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterator
 
 from ...errors import BadInput
 
+OFFLOAD_SUBDIR = "offload"  # <out>/.work/offload/<variant id or artifact>: GPTQModel's lazy shell and finished layers
+
 
 def import_gptqmodel():
     """GPTQModel, imported with settings that work on small CPU machines; BadInput when missing."""
@@ -146,6 +148,17 @@ def load_unquantized(model_path, dtype: str, config=None, trust_remote_code: boo
     config = config or quantize_config({"bits": 4, "group_size": 128}, device)
     return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
                           **on_gpu(device))
+
+
+def load_streaming(model_path, dtype: str, settings: dict, offload_folder, trust_remote_code: bool = False,
+                   device: str | None = None, keep_on_disk: bool = False):
+    """GPTQModel's lazy shell of the fp16 model: on the meta device, each layer read from the checkpoint
+    when it is materialized (its "turtle" source comes with its offload, so `offload_folder` is needed).
+    With `keep_on_disk` finished layers go to `offload_folder`; else they stay in memory, packed."""
+    model = load_unquantized(model_path, dtype, quantize_config(settings, device, offload_folder), trust_remote_code,
+                             device)
+    model.quantize_config.offload_to_disk = keep_on_disk
+    return model
 
 
 def quantize_config(settings: dict, device: str | None = None, offload_folder=None):

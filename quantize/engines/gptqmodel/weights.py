@@ -25,13 +25,12 @@ from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, release_files, rewrite_configs, save_model
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import (eager_torch, import_gptqmodel, load_unquantized, quantize_config, quantize_in_loop, release_model,
-                    supported_model_types)
+from .setup import (OFFLOAD_SUBDIR, eager_torch, import_gptqmodel, load_streaming, quantize_config, quantize_in_loop,
+                    release_model, supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized, weight_reader
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
 SAVE_SUBDIR = ".gptqmodel-save"  # inside the staging folder; removed once the release files are out
-OFFLOAD_SUBDIR = "offload"  # <out>/.work/offload/<variant id>: GPTQModel's finished layers while streaming
 TOOL_PACKAGES = ("gptqmodel", "optimum", "accelerate", "safetensors", "tokenizers")
 
 
@@ -156,22 +155,19 @@ class GPTQModelBackend(Backend):
 
             store.get(needed(variant, FP16Reference))
         hessians = needed(variant, GPTQHessians, required=False)
-        # GPTQModel's loop reads the source one layer at a time (its lazy loader comes with its offload);
+        # Both paths read the source one layer at a time (GPTQModel's lazy loader comes with its offload);
         # without `offload: disk` the finished, packed layers stay in memory instead of going to disk.
-        # The shared-Hessian solve needs the whole model loaded.
-        lazy = hessians is None
-        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id if lazy else None
+        offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id
+        on_disk = variant.offload == "disk"
         try:
             with clock.stage("load"):
-                model = load_unquantized(self.context.model_path, dtype,
-                                         fmt.quantize_config(spec, device, offload_folder),
-                                         self.context.trust_remote_code, device.name)
-                if lazy and variant.offload != "disk":
-                    model.quantize_config.offload_to_disk = False
+                model = load_streaming(self.context.model_path, dtype, fmt.quantize_settings(spec), offload_folder,
+                                       self.context.trust_remote_code, device.name, keep_on_disk=on_disk)
             if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
                 folder = store.get(hessians).folder
                 with clock.stage("quantize"):
-                    quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device))
+                    quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device), device.name,
+                                           offload_folder if on_disk else None)
             else:
                 with clock.stage("quantize"), fmt.quantizing(spec):
                     quantize_in_loop(model, batch, fmt.backend_for(device), self.context.model_path)
@@ -182,8 +178,7 @@ class GPTQModelBackend(Backend):
             del model, batch
             give_back()
         finally:
-            if offload_folder is not None:
-                shutil.rmtree(offload_folder, ignore_errors=True)
+            shutil.rmtree(offload_folder, ignore_errors=True)
         quality = self._verify(variant, staging, clock)
         tokens = store.value(windows.tokens)
         text = store.value(windows.tokens.text)
