@@ -477,6 +477,20 @@ def test_quantized_logits_track_the_fp16_model_and_a_broken_packing_would_not(re
         assert broken_kld > KLD_4BIT_BOUND, (tensor, broken_kld, kld)  # measured 0.090 and 0.0097 (real: 0.0014)
 
 
+def test_windows_of_one_length_share_one_copy_of_their_layer_arguments():
+    from quantize.engines.gptqmodel.hessians import deduplicated
+
+    mask = torch.ones(1, 1, 4, 4)
+    first = ((), {"position_embeddings": (torch.arange(4.0), torch.arange(4.0)), "attention_mask": mask, "use_cache": False})
+    same = ((), {"position_embeddings": (torch.arange(4.0), torch.arange(4.0)), "attention_mask": mask.clone(), "use_cache": False})
+    shorter = ((), {"position_embeddings": (torch.arange(3.0), torch.arange(3.0)), "attention_mask": mask[..., :3, :3],
+                    "use_cache": False})
+    kept = deduplicated([first, same, shorter, same])
+    assert kept[0] is first and kept[1] is first and kept[2] is shorter and kept[3] is first
+    distinct = [((), {"x": 1}), ((), {"x": 1.0}), ((), {"x": True})]  # equal in Python, not the same argument
+    assert all(kept is value for kept, value in zip(deduplicated(distinct), distinct))
+
+
 @pytest.mark.slow
 def test_hessians_are_the_inputs_second_moment_and_stacked_solves_match_single_ones(tiny_model, tmp_path):
     from quantize.engines.gptqmodel import hessians as shared

@@ -115,27 +115,26 @@ def is_lazy(gptq_model) -> bool:
     return getattr(gptq_model, "turtle_model", None) is not None
 
 
-def first_layer_inputs(gptq_model, windows: list[list[int]], device: str) -> list[tuple[Any, dict[str, Any]]]:
-    """Each window's input to the first decoder layer, and the keyword arguments the model gives its layers
-    (position embeddings, attention mask). Everything before the layers is materialized except the output
-    head; the forward stops where the layers begin."""
+def first_layer_inputs(gptq_model, windows: list[list[int]], device: str) -> list[tuple[Any, tuple, dict[str, Any]]]:
+    """Each window's input to the first decoder layer, with the other arguments the model gives its layers
+    (positional, keyword: position embeddings, attention mask). Everything outside the layers is
+    materialized except the output head; the forward stops where the layers begin."""
     import torch
 
     model = gptq_model.model
     layers = decoder_layers(gptq_model)
-    layer_modules = {id(layer) for _, layer in layers}
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
         inside_layers = any(name == prefix or name.startswith(prefix + ".") for prefix, _ in layers)
-        if not inside_layers and module is not head and id(module) not in layer_modules and (
-                any(t.is_meta for t in module.parameters(recurse=False))
-                or any(t.is_meta for t in module.buffers(recurse=False))):
+        if not inside_layers and module is not head and (any(t.is_meta for t in module.parameters(recurse=False))
+                                                         or any(t.is_meta for t in module.buffers(recurse=False))):
             materialize(gptq_model, module, device)
-    captured: list[tuple[Any, dict[str, Any]]] = []
+    captured: list[tuple[Any, tuple, dict[str, Any]]] = []
 
     def stop(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        if not args:
+            args = (kwargs.pop("hidden_states"),)
+        captured.append((args[0], tuple(args[1:]), dict(kwargs)))
         raise FirstLayerReached
 
     handle = layers[0][1].register_forward_pre_hook(stop, with_kwargs=True)
@@ -151,26 +150,29 @@ def first_layer_inputs(gptq_model, windows: list[list[int]], device: str) -> lis
     return captured
 
 
-def shared_arguments(arguments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The windows' layer arguments, one object for windows whose arguments are equal (windows of one
-    length have the same positions and mask: one copy of a [seq, seq] mask, not one per window)."""
+def deduplicated(values: list[Any]) -> list[Any]:
+    """The values with one object for values that are equal (tensors, tuples, lists and dicts compared by
+    content): windows of one length get the same positions and mask, so one copy of a [seq, seq] mask is
+    kept, not one per window."""
     import torch
 
     def equal(a, b) -> bool:
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                    and a.dtype == b.dtype and bool(torch.equal(a, b)))
+                    and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(equal(a[key], b[key]) for key in a)
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-            return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+            return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
         return type(a) is type(b) and a == b
 
-    kept: list[dict[str, Any]] = []
+    kept: list[Any] = []
     result = []
-    for kwargs in arguments:
-        same = next((k for k in kept if k.keys() == kwargs.keys() and all(equal(k[n], kwargs[n]) for n in k)), None)
+    for value in values:
+        same = next((k for k in kept if equal(k, value)), None)
         if same is None:
-            kept.append(kwargs)
-        result.append(same if same is not None else kwargs)
+            kept.append(value)
+        result.append(value if same is None else same)
     return result
 
 
@@ -178,15 +180,15 @@ def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device:
     """The fp16 model's layer inputs over the windows, one decoder layer at a time, accumulating xᵀx per
     layer input; each layer's Hessians are written to `folder` before the next layer is read.
 
-    Every layer gets the keyword arguments the model gives the first one (positions, mask), as in
-    GPTQModel's own loop."""
+    Every layer gets the arguments the model gives the first one (positions, mask), as in GPTQModel's
+    own loop."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = first_layer_inputs(gptq_model, windows, device)
-    hidden = [state for state, _ in inputs]
-    arguments = shared_arguments([kwargs for _, kwargs in inputs])
+    hidden = [state for state, _, _ in inputs]
+    arguments = deduplicated([(extra, kwargs) for _, extra, kwargs in inputs])
     del inputs
     tokens = sum(len(ids) for ids in windows)
     aliases: dict[str, str] = {}
@@ -212,8 +214,8 @@ def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device:
         handles = [module.register_forward_hook(hook(name)) for name, module in layer_linears(layer_name, layer).items()]
         try:
             with torch.inference_mode():
-                for index, kwargs in enumerate(arguments):
-                    output = layer(hidden[index], **kwargs)
+                for index, (extra, kwargs) in enumerate(arguments):
+                    output = layer(hidden[index], *extra, **kwargs)
                     hidden[index] = output[0] if isinstance(output, (tuple, list)) else output
                     seen.clear()
         finally:

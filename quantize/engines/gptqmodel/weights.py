@@ -159,14 +159,14 @@ class GPTQModelBackend(Backend):
         # without `offload: disk` the finished, packed layers stay in memory instead of going to disk.
         offload_folder = self.context.work_dir / OFFLOAD_SUBDIR / variant.id
         on_disk = variant.offload == "disk"
+        hessian_folder = store.get(hessians).folder if hessians is not None else None  # before this model loads
         try:
             with clock.stage("load"):
                 model = load_streaming(self.context.model_path, dtype, fmt.quantize_settings(spec), offload_folder,
                                        self.context.trust_remote_code, device.name, keep_on_disk=on_disk)
-            if hessians is not None:  # shared calibration: the solve alone, from the release's Hessians
-                folder = store.get(hessians).folder
+            if hessian_folder is not None:  # shared calibration: the solve alone, from the release's Hessians
                 with clock.stage("quantize"):
-                    quantize_with_hessians(model, load_hessians(folder), fmt.backend_for(device), device.name,
+                    quantize_with_hessians(model, load_hessians(hessian_folder), fmt.backend_for(device), device.name,
                                            offload_folder if on_disk else None)
             else:
                 with clock.stage("quantize"), fmt.quantizing(spec):
