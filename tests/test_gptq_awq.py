@@ -546,7 +546,9 @@ def test_shared_hessians_stream_one_decoder_layer_at_a_time(tiny_model, tmp_path
                                 for _, layer in shared.decoder_layers(model)))
         return [layer.register_forward_pre_hook(count) for _, layer in shared.decoder_layers(model)]
 
-    settings = {"bits": 4, "group_size": 64, "desc_act": True, "damp_percent": 0.1, "sym": True}
+    # 3-bit: GPTQModel's 3-bit packer slices the weight outside inference mode, which the lazy loader's
+    # inference tensors refused before the solve gave each layer a new Parameter
+    settings = {"bits": 3, "group_size": 64, "desc_act": True, "damp_percent": 0.1, "sym": True}
     lazy = load_streaming(tiny_model, "float32", settings, tmp_path / "offload")
     assert all(p.is_meta for p in lazy.model.parameters())
     watch(lazy)

@@ -236,6 +236,7 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
     """GPTQModel's solve and packing for every decoder linear, from the given Hessians, one decoder layer
     at a time: read from the checkpoint (a lazy shell), solved, packed, and with `offload_folder` each
     packed layer written there (GPTQModel's offload_to_disk, as its own loop does)."""
+    import torch
     from gptqmodel.quantization.config import METHOD, resolve_quant_format
     from gptqmodel.utils.backend import normalize_backend
     from gptqmodel.utils.importer import select_quant_linear
@@ -260,7 +261,9 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
                                   hessians.tokens, qcfg)
             for name, (weights, scales, zeros, g_idx) in zip(group, results["parts"]):
                 linear = linears[name]
-                linear.weight.data = weights.to(linear.weight.dtype)
+                # a new Parameter: the lazy loader materializes weights as inference tensors, which
+                # GPTQModel's 3-bit packer cannot slice outside inference mode
+                linear.weight = torch.nn.Parameter(weights.to(linear.weight.dtype), requires_grad=False)
                 create_quant_module(name=name, linear_cls=kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
                                     dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=gptq_model.model,
                                     submodule=linear, sym=qcfg.sym, device=qcfg.device, lm_head_name=gptq_model.lm_head,
