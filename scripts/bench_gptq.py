@@ -182,7 +182,7 @@ def sweep(args, out: Path) -> dict:
 def awq_check(args, out: Path) -> dict:
     """AWQ against the GPTQ 4-bit permutations: quantize time and perplexity, one release."""
     args.gptq, args.awq, args.awq_search = QUICK_SWEEP, [64], list(SCALE_SEARCHES)
-    args.samples, args.held_out = 16, 0.03
+    args.samples = 16
     with full_search_curves() as curves:
         rows = run_release(write_recipe(out, args), out / "release")
     print("| Variant | quantize s | PPL | KLD |")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     quick_sweep = args.sweep and args.quick
     # --sweep --quick scores 100 windows (25,500 tokens) of the last 20% of the text: one permutation's
     # perplexity change then has a standard error of about 0.5%, where 20 windows left about 1.2%
-    args.held_out = args.held_out or (0.2 if quick_sweep else 0.1)
+    args.held_out = args.held_out or (0.2 if quick_sweep else 0.03 if args.awq_check else 0.1)
     args.windows = args.windows or (100 if quick_sweep else None)
     out = Path(args.out).resolve()
 

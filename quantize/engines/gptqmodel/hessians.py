@@ -193,7 +193,8 @@ def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device:
     tokens = sum(len(ids) for ids in windows)
     aliases: dict[str, str] = {}
     lazy = is_lazy(gptq_model)
-    for layer_name, layer in decoder_layers(gptq_model):
+    layers = decoder_layers(gptq_model)
+    for layer_name, layer in layers:
         layer = materialize(gptq_model, layer, device)
         sums: dict[str, torch.Tensor] = {}
         seen: dict[int, tuple[Any, str]] = {}  # id(input) -> (input kept alive, leader), within one window
@@ -227,7 +228,7 @@ def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device:
         if lazy:
             layer.to("meta")
     (folder / INDEX_FILE).write_text(json.dumps({"aliases": aliases, "tokens": tokens,
-                                                 "layers": [name for name, _ in decoder_layers(gptq_model)]}, indent=1))
+                                                 "layers": [name for name, _ in layers]}, indent=1))
     return Hessians(folder, aliases, tokens)
 
 
@@ -349,12 +350,12 @@ class GPTQHessians(Artifact):
         return self.estimated
 
     def compute(self, store: ArtifactStore, folder: Path) -> Any:
-        from .setup import OFFLOAD_SUBDIR, embeddings_in_stored_dtype, load_streaming, release_model
+        from .setup import OFFLOAD_SUBDIR, READING_SETTINGS, embeddings_in_stored_dtype, load_streaming, release_model
 
         model_path = store.context.model_path
         offload_folder = store.work_dir / OFFLOAD_SUBDIR / self.name
         try:
-            model = load_streaming(model_path, self.dtype, {"bits": 4, "group_size": 128}, offload_folder,
+            model = load_streaming(model_path, self.dtype, READING_SETTINGS, offload_folder,
                                    store.context.trust_remote_code, self.device)
             with embeddings_in_stored_dtype(model, model_path):
                 hessians = capture_hessians(model, store.value(self.windows), folder, self.device)

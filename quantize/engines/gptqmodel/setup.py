@@ -11,6 +11,9 @@ from typing import Any, Callable, Iterator
 from ...errors import BadInput
 
 OFFLOAD_SUBDIR = "offload"  # <out>/.work/offload/<variant id or artifact>: GPTQModel's lazy shell and finished layers
+# GPTQModel loads a model with quantization settings; a model loaded only to be read (its layers' outputs,
+# the fp16 Hessians) gets these, which change nothing it computes
+READING_SETTINGS = {"bits": 4, "group_size": 128}
 
 
 def import_gptqmodel():
@@ -145,7 +148,7 @@ def load_unquantized(model_path, dtype: str, config=None, trust_remote_code: boo
     import_gptqmodel()
     from gptqmodel import GPTQModel
 
-    config = config or quantize_config({"bits": 4, "group_size": 128}, device)
+    config = config or quantize_config(READING_SETTINGS, device)
     return GPTQModel.load(str(model_path), config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
                           **on_gpu(device))
 
