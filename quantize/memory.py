@@ -105,10 +105,11 @@ def shapes(facts: "ModelFacts | None") -> Shapes | None:
                   max(facts.linear_in_features or (hidden,)))
 
 
-def activations(s: Shapes, samples: int, seq_len: int, dtype_bytes: int) -> int:
-    """GPTQModel's cached layer inputs and outputs for every calibration sample, and one sample's
-    MLP intermediates."""
-    return (2 * samples * seq_len * s.hidden + 3 * seq_len * s.intermediate) * dtype_bytes
+def activations(s: Shapes, samples: int, seq_len: int, dtype_bytes: int, forward_samples: int = 1) -> int:
+    """GPTQModel's cached layer inputs and outputs for every calibration sample, and the MLP
+    intermediates of the samples one forward pass runs on."""
+    forward_tokens = min(samples, forward_samples) * seq_len
+    return (2 * samples * seq_len * s.hidden + 3 * forward_tokens * s.intermediate) * dtype_bytes
 
 
 def layer_solve(s: Shapes) -> int:
@@ -130,11 +131,12 @@ def logits(s: Shapes, window: int) -> int:
 
 
 def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, samples: int, seq_len: int,
-                  offload: str, packed_bytes: int = 0) -> StageMemory | None:
+                  offload: str, packed_bytes: int = 0, forward_samples: int = 1) -> StageMemory | None:
     """GPTQ or AWQ in GPTQModel's layer-by-layer loop. Its lazy loader reads the source one layer at a
     time, the embeddings in the source's dtype (setup.embeddings_in_stored_dtype); the finished layers
     stay in memory packed (`packed_bytes`: the quantized Linear layers), or with `offload: disk` go to
-    disk."""
+    disk. `forward_samples`: the most calibration samples one forward pass runs on (AWQ's scale search
+    runs several)."""
     s = shapes(facts)
     if s is None:
         return None
@@ -143,7 +145,7 @@ def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, sam
     parts = {"embeddings": embeddings * SOURCE_BYTES_PER_WEIGHT, "head, norms": (s.other_params - embeddings) * c,
              "two layers": 2 * s.layer_params * c,
              "packed layers": 0 if offload == "disk" else packed_bytes, "layer solve": layer_solve(s),
-             "calibration activations": activations(s, samples, seq_len, c)}
+             "calibration activations": activations(s, samples, seq_len, c, forward_samples)}
     return stage(f"{name}: quantize", parts)
 
 

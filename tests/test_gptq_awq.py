@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,9 @@ def test_dense_linear_reproduces_the_layer():
     assert torch.allclose(dense(x), layer(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("sym, group_size", [(False, 64), (True, 32), (False, -1)])
-def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_size):
+@pytest.mark.parametrize("sym, group_size, tokens", [(False, 64, 700), (True, 32, 1500), (False, -1, 700),
+                                                    (True, -1, 200)])  # the last: a group wider than the tokens
+def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_size, tokens):
     import types
 
     from gptqmodel.looper.awq_processor import AWQProcessor
@@ -114,7 +116,7 @@ def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_s
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(128, 256, generator=generator) * 0.05
     weight[:, :8] *= 20  # outliers, so that clipping them pays off in some groups
-    features = torch.randn(700, 256, generator=generator)
+    features = torch.randn(tokens, 256, generator=generator)
     theirs = AWQProcessor._compute_best_clip(processor, weight, features)
     ours = awq_best_clip(processor, weight, features)
     assert ours.shape == theirs.shape
@@ -196,6 +198,92 @@ def test_awq_scale_search_chooses_what_gptqmodels_own_search_chooses(duo_scaling
     assert torch.equal(coarse, theirs) and coarse_loss == full_loss
     assert not torch.allclose(theirs, torch.ones_like(theirs))  # the search chose real scales, not r = 0
     assert torch.equal(block[0].weight, before)  # our searches restored the weights exactly
+
+
+
+@pytest.mark.parametrize("strides", [(1,), (4, 2, 1)])
+def test_awq_scale_search_of_one_linear_layer_through_its_inputs_gram_matrix(strides):
+    """A block that is one linear layer (the down projection) is searched without forward passes,
+    and picks GPTQModel's scales with the same loss to rounding."""
+    from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
+
+    from quantize.engines.gptqmodel.setup import awq_best_scale
+
+    generator = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(128, 256, bias=True, dtype=torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    x = torch.randn(400, 128, generator=generator, dtype=torch.float64)
+    x[:, :6] *= 15
+    reference = linear(x).detach()
+    x_mean, w_mean = x.abs().mean(0), _compute_awq_weight_mean([linear], 32)
+    before = linear.weight.detach().clone()
+    processor = _scale_search_processor(duo_scaling=True)
+    with torch.inference_mode():
+        theirs, their_loss = AWQProcessor._compute_best_scale(processor, x, w_mean, x_mean, linear, [linear], reference)
+    linear.weight.copy_(before)
+
+    def no_forward(*args):
+        raise AssertionError("the search ran the layer")
+
+    processor._iter_module_forward_outputs = no_forward
+    ours, our_loss = awq_best_scale(processor, x, w_mean, x_mean, linear, [linear], reference, strides=strides)
+    assert torch.equal(ours, theirs) and our_loss == pytest.approx(their_loss, rel=1e-6)
+    assert not torch.allclose(theirs, torch.ones_like(theirs))
+    assert torch.equal(linear.weight, before)
+
+
+
+def test_awq_scale_search_runs_the_block_on_several_samples_at_a_time():
+    """GPTQModel hands the search one sample per forward and its reference in one chunk per sample;
+    the search runs AWQ_SEARCH_TOKENS tokens of samples per forward and chooses the same scales."""
+    from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
+
+    from quantize.engines.gptqmodel.setup import AWQ_SEARCH_TOKENS, awq_best_scale
+
+    generator = torch.Generator().manual_seed(2)
+    block = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False), torch.nn.GELU(),
+                                torch.nn.Linear(256, 64, bias=False)).to(torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        for layer in (block[0], block[2]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    seq_len = AWQ_SEARCH_TOKENS // 4
+    x = torch.randn(10, seq_len, 128, generator=generator, dtype=torch.float64)
+    x[..., :6] *= 15
+    reference = [block(sample) for sample in x.split(1)]  # as GPTQModel builds it, batch size 1
+    x_mean, w_mean = x.abs().reshape(-1, 128).mean(0), _compute_awq_weight_mean([block[0]], 32)
+    processor = _scale_search_processor(duo_scaling=True)
+    processor._quant_batch_size = 1
+    processor._iter_reference_output_chunks = types.MethodType(AWQProcessor._iter_reference_output_chunks, processor)
+    batches = []
+
+    def forward_in_batches(x, module, kwargs):
+        for part in x.split(processor._quant_batch_size):
+            batches.append(part.shape[0])
+            yield module(part)
+
+    processor._iter_module_forward_outputs = forward_in_batches
+    ours, our_loss = awq_best_scale(processor, x, w_mean, x_mean, block, [block[0]], reference, strides=(1,))
+    assert set(batches) == {4, 2} and processor._quant_batch_size == 1  # 4 samples of AWQ_SEARCH_TOKENS / 4
+
+    processor._quant_batch_size = None  # GPTQModel's own search, on the whole calibration at once
+    processor._iter_module_forward_outputs = lambda x, module, kwargs: iter([module(x)])
+    with torch.inference_mode():
+        theirs, their_loss = AWQProcessor._compute_best_scale(
+            processor, x.reshape(-1, 128), w_mean, x_mean, block, [block[0]], torch.cat(reference).reshape(-1, 64))
+    assert torch.equal(ours, theirs) and our_loss == pytest.approx(their_loss, rel=1e-6)
+
+
+def test_the_gram_matrix_is_used_only_where_it_is_cheaper():
+    from quantize.engines.gptqmodel.setup import _linear_input_gram, grid_evaluations
+
+    assert grid_evaluations(20, (4, 2, 1)) == 9 and grid_evaluations(20, (1,)) == 20
+    smollm_down = torch.nn.Linear(1536, 576, bias=False)  # 16 x 512 tokens: Gram
+    llama_7b_down = torch.nn.Linear(11008, 4096, bias=False, device="meta")  # a forward is cheaper
+    x = torch.zeros(8192, 1536)
+    assert _linear_input_gram(x, smollm_down, [smollm_down], 9).matrix.shape == (1536, 1536)
+    assert _linear_input_gram(torch.zeros(8192, 11008, device="meta"), llama_7b_down, [llama_7b_down], 9) is None
+    assert _linear_input_gram(x, torch.nn.Sequential(smollm_down), [smollm_down], 9) is None  # not the layer itself
 
 
 # --- fast: bad input is refused before any work ------------------------------------------------
@@ -619,3 +707,44 @@ def test_sequential_and_shared_hessians_give_the_same_quality(release, tiny_mode
                                           reference, ids)
               for mode, folder in (("shared", out), ("sequential", tmp_path / "out"))}
     assert max(errors.values()) < FOUR_BIT_BOUND and abs(errors["shared"] / errors["sequential"] - 1) < 0.15, errors
+
+
+@pytest.mark.slow
+def test_awq_runs_each_decoder_layer_once_to_capture_and_once_to_pass_on(tiny_model, tmp_path, monkeypatch):
+    """AWQ captures the inputs of all a layer's linears in one forward of the unquantized layer
+    (true_sequential off), then runs the quantized layer once to feed the next one."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from quantize.engines.gptqmodel.weights import GPTQModelBackend
+
+    calls: dict[int, int] = {}
+    forward = LlamaDecoderLayer.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls[self.self_attn.layer_idx] = calls.get(self.self_attn.layer_idx, 0) + 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting_forward)
+    data = tiny_recipe(tiny_model, awq=[AWQ_4BIT])
+    data["calibration"]["held_out"] = 0.02
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(recipe_path)
+    plan = build_plan(recipe, inspect_source(recipe))
+    save, when_saved = GPTQModelBackend._save, {}
+
+    def counted_save(self, *args, **kwargs):  # quantizing is over; verification runs the layers again
+        when_saved.update(calls)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPTQModelBackend, "_save", counted_save)
+    (outcome,) = run_plan(plan, tmp_path / "out", log=lambda _: None)
+    assert outcome.status == "done", outcome.error
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    samples = recipe.calibration.samples
+    # one capture and one replay pass over the samples, and a few single calls of GPTQModel's own (19
+    # for 8 samples; one capture per group of linears made 43); the first layer also takes the
+    # model's inputs, one call per sample
+    assert sorted(when_saved) == list(range(layers))
+    assert all(2 * samples <= when_saved[index] < 3 * samples for index in range(1, layers))
+    assert when_saved[0] - when_saved[1] == samples

@@ -61,6 +61,21 @@ def test_plan_shows_the_peak_memory_of_every_stage(tiny_model, write_recipe, cap
     assert code == 0 and "memory: ~" in out and "gptq/main: quantize" in out
 
 
+
+def test_awq_plans_the_scale_searchs_several_samples_per_forward(tiny_model, write_recipe):
+    from quantize.engines.gptqmodel.setup import awq_search_samples
+
+    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}], awq=[{"bits": 4, "group_size": 128}],
+                       compute={"device": "cpu"})
+    plan = api.plan(write_recipe(data))
+    stages, shapes = stages_of(plan), memory.shapes(plan.source.facts)
+    samples, seq_len = data["calibration"]["samples"], data["calibration"]["seq_len"]
+    forward_samples = min(samples, awq_search_samples(seq_len))
+    assert forward_samples > 1
+    gptq, awq = (dict(stages[f"{fmt}/main: quantize"].parts)["calibration activations"] for fmt in ("gptq", "awq"))
+    assert awq - gptq == 3 * (forward_samples - 1) * seq_len * shapes.intermediate * 4  # MLP intermediates, float32
+
+
 def test_streaming_plans_one_layer_resident(tiny_model, write_recipe, capsys):
     recipe = write_recipe(tiny_recipe(tiny_model, **GPTQ_AND_GGUF, compute={"device": "cpu"}))
     held, streamed = stages_of(api.plan(recipe)), stages_of(api.plan(recipe, offload="disk"))

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes
+from .. import memory
+from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes, awq_search_samples
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import AWQ_BITS, awq_branch_name, awq_default_description
 from ._weights import WeightFormatPlugin, WeightVariantSpec
@@ -46,9 +47,13 @@ class AWQVariant(WeightVariantSpec):
 
 
 def awq_settings(spec: AWQVariant) -> dict[str, Any]:
-    # GPTQModel spells AWQ's zero point as asymmetric quantization.
+    # GPTQModel spells AWQ's zero point as asymmetric quantization. AWQ quantizes a decoder layer
+    # only once the inputs of all its linears are captured from the unquantized layer, so one
+    # capture forward per layer serves them all (true_sequential off); GPTQModel's default, one
+    # capture per group of linears, computes the same inputs again and adds a per-layer hint that
+    # moves the scales only through AWQ's 1e-4 guard, which AutoAWQ's search does not have.
     return {"quant_method": "awq", "format": "gemm", "bits": spec.bits, "group_size": spec.group_size,
-            "sym": not spec.zero_point}
+            "sym": not spec.zero_point, "true_sequential": False}
 
 
 def awq_fields(spec: AWQVariant) -> dict[str, Any]:
@@ -79,6 +84,12 @@ class AWQFormat(WeightFormatPlugin):
 
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, AWQ)
+
+    def quantize_memory(self, variant_id: str, index: int, spec: WeightVariantSpec, calib, source, device,
+                        offload: str, packed_bytes: int = 0):
+        """GPTQModel's layer loop, with the scale search's forward passes over several samples."""
+        return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
+                                    offload, packed_bytes, forward_samples=awq_search_samples(calib.seq_len))
 
     def describe_more(self, spec: AWQVariant) -> str:
         return f", {'zero point' if spec.zero_point else 'symmetric'}, {spec.scale_search.replace('_', '-')} scale search"

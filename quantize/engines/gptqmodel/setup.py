@@ -206,19 +206,40 @@ def grid_minimum(loss_at: Callable[[int], float], size: int, strides: tuple[int,
     return best, losses
 
 
+# Calibration tokens per forward pass of a block in the scale search: GPTQModel runs one sample at
+# a time (512 tokens: matrix products well below this CPU's speed); 4,096 tokens per pass made the
+# search 13% faster, and the transient MLP activations are 8x one 512-token sample's (plan: memory.py).
+AWQ_SEARCH_TOKENS = 4096
+
+
+def awq_search_samples(seq_len: int) -> int:
+    """Calibration samples per forward pass of a block in the scale search."""
+    return max(1, AWQ_SEARCH_TOKENS // seq_len)
+
+
 def awq_best_scale(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs=None,
                    strides: tuple[int, ...] = COARSE_TO_FINE):
     """AWQ's scale search (GPTQModel 7.6's `_compute_best_scale`), restoring the weights from real copies.
 
     For each exponent r on a grid, scales s = x_mean^r / w_mean^(1-r) (or x_mean^r), normalised;
     the layers' weights W become Q(W·s)/s and the block's output is compared with the fp reference.
-    `strides` chooses which grid points are tried (`grid_minimum`).
+    `strides` chooses which grid points are tried (`grid_minimum`). The block runs on
+    AWQ_SEARCH_TOKENS tokens' worth of whole samples at a time.
     """
     import torch
 
-    with torch.inference_mode():
-        return _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs or {},
-                         strides)
+    batch_size = getattr(processor, "_quant_batch_size", None)  # samples per forward, None: all
+    if x.dim() == 3 and batch_size:
+        processor._quant_batch_size = max(batch_size, awq_search_samples(x.shape[1]))
+        if isinstance(fp16_output, list):  # GPTQModel's reference, one chunk per `batch_size` samples
+            fp16_output = torch.cat(fp16_output)
+    try:
+        with torch.inference_mode():
+            return _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output,
+                             kwargs or {}, strides)
+    finally:
+        if batch_size:
+            processor._quant_batch_size = batch_size
 
 
 def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs, strides):
@@ -230,6 +251,7 @@ def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_
     prev_scale = getattr(processor._scale_context, "prev_scale", None)
     if prev_scale is not None:
         w_mean = w_mean * float(prev_scale)
+    gram = _linear_input_gram(x, module2inspect, linears2scale, grid_evaluations(AWQ_GRID, strides))
 
     def scales_at(step: int):
         ratio = step / AWQ_GRID
@@ -241,6 +263,19 @@ def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_
         scales[torch.isinf(scales) | torch.isnan(scales)] = 1
         return scales
 
+    def output_error() -> float:  # the block's mean squared output change, with the weights as they are now
+        if gram is not None:
+            (linear,) = linears2scale
+            change = (linear.weight - originals[linear]).float()
+            return (change @ gram.matrix * change).sum().item() / (gram.tokens * change.shape[0])
+        total, count = 0.0, 0
+        for reference, output in zip(processor._iter_reference_output_chunks(x, fp16_output),
+                                     processor._iter_module_forward_outputs(x, module2inspect, kwargs)):
+            limits = torch.finfo(output.dtype)
+            diff = (reference.to(output.device, output.dtype) - output.clip(limits.min, limits.max)).float()
+            total, count = total + diff.pow(2).sum().item(), count + diff.numel()
+        return total / max(count, 1)
+
     def loss_at(step: int) -> float:
         scales = scales_at(step)
         try:
@@ -248,16 +283,10 @@ def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_
                 fc.weight.mul_(scales.view(1, -1))
                 processor._pseudo_quantize_tensor_into(fc.weight, fc.weight)
                 fc.weight.div_(scales.view(1, -1))
-            total, count = 0.0, 0
-            for reference, output in zip(processor._iter_reference_output_chunks(x, fp16_output),
-                                         processor._iter_module_forward_outputs(x, module2inspect, kwargs)):
-                limits = torch.finfo(output.dtype)
-                diff = (reference.to(output.device, output.dtype) - output.clip(limits.min, limits.max)).float()
-                total, count = total + diff.pow(2).sum().item(), count + diff.numel()
+            loss = output_error()
         finally:
             for fc in linears2scale:
                 fc.weight.copy_(originals[fc])
-        loss = total / max(count, 1)
         return loss if math.isfinite(loss) else math.inf
 
     best, losses = grid_minimum(loss_at, AWQ_GRID, strides)
@@ -266,13 +295,49 @@ def _awq_grid(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_
     return scales_at(best).detach().cpu(), losses[best]
 
 
+def grid_evaluations(size: int, strides: tuple[int, ...]) -> int:
+    """How many grid points `grid_minimum` evaluates at most."""
+    return len(range(0, size, strides[0])) + 2 * (len(strides) - 1)
+
+
+@dataclass(frozen=True)
+class InputGram:
+    matrix: Any  # XᵀX over the block's input tokens X, float32 [in, in]
+    tokens: int
+
+
+def _linear_input_gram(x, module2inspect, linears2scale, evaluations: int) -> InputGram | None:
+    """Where the scaled block is one linear layer (the down projection), its output change is
+    X·ΔWᵀ, whose mean square is tr(ΔW XᵀX ΔWᵀ) over tokens x rows: the same loss without a forward
+    pass. Returned where that is cheaper over the search's evaluations (tokens·in² once, then
+    rows·in² each, against tokens·in·rows each: small widths, e.g. SmolLM2's), else None.
+    """
+    import torch
+
+    if len(linears2scale) != 1 or module2inspect is not linears2scale[0]:
+        return None
+    rows, columns = module2inspect.weight.shape
+    x = x.reshape(-1, columns)
+    tokens = x.shape[0]
+    if columns * (tokens + evaluations * rows) >= evaluations * tokens * rows:
+        return None
+    matrix = torch.zeros(columns, columns, dtype=torch.float32, device=module2inspect.weight.device)
+    for chunk in x.split(4096):
+        chunk = chunk.to(matrix.device, torch.float32)
+        matrix.addmm_(chunk.t(), chunk)
+    return InputGram(matrix, tokens)
+
+
 def awq_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):
     """AWQ's clipping search (GPTQModel 7.6's `_compute_best_clip`: the same tokens, grid and error),
-    with each group's share of the layer's output computed as one batched matrix product.
+    with the error computed from the weights' change instead of from the outputs.
 
-    GPTQModel forms the elementwise product of every sampled token with every weight
-    ([rows, tokens, groups, group size], 450M floats per grid point for a 576 x 1536 layer) and
-    sums it; on a CPU that was most of AWQ's time. Returns the best clipping bound per row and
+    The error of a row's group is the mean over the sampled tokens x of (x · Δw)², Δw the change
+    that clipping and quantizing made to the group's weights. GPTQModel forms the elementwise
+    product of every sampled token with every weight ([rows, tokens, groups, group size], 450M
+    floats per grid point for a 576 x 1536 layer); here it is Δw G Δwᵀ with G the group's inputs'
+    mean outer product (group size², computed once), or, where a group is wider than the tokens are
+    many, one batched product of the tokens with Δw. Returns the best clipping bound per row and
     group, [rows, groups, 1], as `apply_clip` takes it.
     """
     import torch
@@ -281,18 +346,26 @@ def awq_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_
     group_size = processor.qcfg.group_size if processor.qcfg.group_size > 0 else columns
     groups = columns // group_size
     x = input_feat.reshape(-1, columns)
-    x = x[:: max(1, x.shape[0] // n_sample_token)].to(w.device, w.dtype)
+    x = x[:: max(1, x.shape[0] // n_sample_token)].to(w.device, torch.float32)
     x = x.reshape(-1, groups, group_size).permute(1, 0, 2).contiguous()  # [groups, tokens, group size]
+    gram = torch.bmm(x.transpose(1, 2), x).div_(x.shape[1]) if group_size < x.shape[1] else None
+
+    def output_error(change):  # [groups, rows, group size] -> mean squared output change, [groups, rows]
+        if gram is not None:
+            return (torch.bmm(change, gram) * change).sum(dim=-1)
+        return torch.bmm(x, change.transpose(1, 2)).pow(2).mean(dim=1)
+
     w = w.reshape(rows, groups, group_size)
-    reference = torch.bmm(x, w.permute(1, 2, 0))  # [groups, tokens, rows]
     original_max = w.abs().amax(dim=-1, keepdim=True)  # [rows, groups, 1]
-    best_max, least_error = original_max.clone(), torch.full_like(original_max, 1e9)
+    best_max = original_max.clone()
+    least_error = torch.full(original_max.shape, 1e9, dtype=torch.float32, device=w.device)
     clamped, quantized = torch.empty_like(w), torch.empty_like(w)
     for step in range(int(max_shrink * n_grid)):
         max_val = original_max * (1 - step / n_grid)
         torch.clamp(w, -max_val, max_val, out=clamped)
         processor._pseudo_quantize_tensor_into(clamped, quantized)
-        error = (torch.bmm(x, quantized.permute(1, 2, 0)) - reference).pow(2).mean(dim=1).t().unsqueeze(-1)
+        change = (quantized.float() - w.float()).permute(1, 0, 2)
+        error = output_error(change).t().unsqueeze(-1)
         better = error < least_error
         least_error[better] = error[better]
         best_max[better] = max_val[better]
@@ -312,7 +385,8 @@ def awq_fixes(scale_search: str = "coarse_to_fine") -> Iterator[None]:
     2. It builds the packed layer with the model's dtype as its compute dtype, which its torch AWQ
        kernel accepts only as fp16/bf16. The packed weights, scales (fp16) and zeros don't depend on
        it, so the packed layer is made with fp16 as its compute dtype.
-    3. Its clipping search is run by `awq_best_clip`: the same search, 10-20x faster.
+    3. Its clipping search is run by `awq_best_clip`: the same search, computed from the weights'
+       change through the inputs' Gram matrix.
     """
     if scale_search not in SCALE_SEARCHES:
         raise ValueError(f"scale_search must be one of {', '.join(SCALE_SEARCHES)} (got {scale_search!r})")
