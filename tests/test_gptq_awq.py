@@ -150,6 +150,21 @@ def test_grid_minimum_breaks_ties_towards_the_lower_point_and_may_miss_a_second_
     assert grid_minimum(two_valleys.__getitem__, 20, COARSE_TO_FINE)[0] == 4
 
 
+def _small_random_weights(module, generator):
+    """The module's Linear weights drawn small (float64), gradients off."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    return module.requires_grad_(False)
+
+
+def _search_block(generator):
+    """A block AWQ's scale search looks through: a Linear to scale, a nonlinearity, a Linear."""
+    return _small_random_weights(torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False), torch.nn.GELU(),
+                                                     torch.nn.Linear(256, 64, bias=False)).to(torch.float64), generator)
+
+
 def _scale_search_processor(duo_scaling: bool):
     import types
 
@@ -174,11 +189,7 @@ def test_awq_scale_search_chooses_what_gptqmodels_own_search_chooses(duo_scaling
     from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, awq_best_scale
 
     generator = torch.Generator().manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False), torch.nn.GELU(),
-                                torch.nn.Linear(256, 64, bias=False)).to(torch.float64).requires_grad_(False)
-    with torch.no_grad():
-        for layer in (block[0], block[2]):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    block = _search_block(generator)
     x = torch.randn(400, 128, generator=generator, dtype=torch.float64)
     x[:, :6] *= 15  # salient input channels: scaling them up before quantizing pays off
     reference = block(x).detach()
@@ -210,9 +221,7 @@ def test_awq_scale_search_of_one_linear_layer_through_its_inputs_gram_matrix(str
     from quantize.engines.gptqmodel.setup import awq_best_scale
 
     generator = torch.Generator().manual_seed(1)
-    linear = torch.nn.Linear(128, 256, bias=True, dtype=torch.float64).requires_grad_(False)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    linear = _small_random_weights(torch.nn.Linear(128, 256, bias=True, dtype=torch.float64), generator)
     x = torch.randn(400, 128, generator=generator, dtype=torch.float64)
     x[:, :6] *= 15
     reference = linear(x).detach()
@@ -242,11 +251,7 @@ def test_awq_scale_search_runs_the_block_on_several_samples_at_a_time():
     from quantize.engines.gptqmodel.setup import AWQ_SEARCH_TOKENS, awq_best_scale
 
     generator = torch.Generator().manual_seed(2)
-    block = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=False), torch.nn.GELU(),
-                                torch.nn.Linear(256, 64, bias=False)).to(torch.float64).requires_grad_(False)
-    with torch.no_grad():
-        for layer in (block[0], block[2]):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64) * 0.05)
+    block = _search_block(generator)
     seq_len = AWQ_SEARCH_TOKENS // 4
     x = torch.randn(10, seq_len, 128, generator=generator, dtype=torch.float64)
     x[..., :6] *= 15
