@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from .. import memory
 from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes, awq_search_samples
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import AWQ_BITS, awq_branch_name, awq_default_description
@@ -85,11 +84,8 @@ class AWQFormat(WeightFormatPlugin):
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, AWQ)
 
-    def quantize_memory(self, variant_id: str, index: int, spec: WeightVariantSpec, calib, source, device,
-                        offload: str, packed_bytes: int = 0):
-        """GPTQModel's layer loop, with the scale search's forward passes over several samples."""
-        return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
-                                    offload, packed_bytes, forward_samples=awq_search_samples(calib.seq_len))
+    def samples_per_forward(self, seq_len: int) -> int:
+        return awq_search_samples(seq_len)  # the scale search's forward passes
 
     def describe_more(self, spec: AWQVariant) -> str:
         return f", {'zero point' if spec.zero_point else 'symmetric'}, {spec.scale_search.replace('_', '-')} scale search"

@@ -356,6 +356,7 @@ def awq_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_
         return torch.bmm(x, change.transpose(1, 2)).pow(2).mean(dim=1)
 
     w = w.reshape(rows, groups, group_size)
+    w_float = w.float()
     original_max = w.abs().amax(dim=-1, keepdim=True)  # [rows, groups, 1]
     best_max = original_max.clone()
     least_error = torch.full(original_max.shape, 1e9, dtype=torch.float32, device=w.device)
@@ -364,7 +365,7 @@ def awq_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_
         max_val = original_max * (1 - step / n_grid)
         torch.clamp(w, -max_val, max_val, out=clamped)
         processor._pseudo_quantize_tensor_into(clamped, quantized)
-        change = (quantized.float() - w.float()).permute(1, 0, 2)
+        change = (quantized.float() - w_float).permute(1, 0, 2)
         error = output_error(change).t().unsqueeze(-1)
         better = error < least_error
         least_error[better] = error[better]
