@@ -112,12 +112,15 @@ def activations(s: Shapes, samples: int, seq_len: int, dtype_bytes: int, forward
     return (2 * samples * seq_len * s.hidden + 3 * forward_tokens * s.intermediate) * dtype_bytes
 
 
-def layer_solve(s: Shapes) -> int:
+def layer_solve(s: Shapes, concurrent: int = 1) -> int:
     """One decoder layer's GPTQ work: the Hessians of the Linear layers solved together (q/k/v read
-    one input, each keeps its own H), their inverse and the float32 weights, quantized copy and error."""
+    one input, each keeps its own H), their inverse and the float32 weights, quantized copy and error.
+    `concurrent`: how many of the layer's groups are solved at once (hessians.solve_threads); each
+    one beside the widest adds a hidden-wide H and inverse, and the whole layer's weights count."""
     hessians = max(3 * s.hidden ** 2, 2 * s.hidden ** 2, s.widest_input ** 2) * HESSIAN_BYTES
-    weights = 3 * s.layer_params * HESSIAN_BYTES // 2  # roughly half the layer's weights at a time, x3
-    return hessians + s.widest_input ** 2 * HESSIAN_BYTES + weights
+    weights = 3 * s.layer_params * HESSIAN_BYTES // (2 if concurrent == 1 else 1)  # half the layer's at a time, x3
+    beside = (concurrent - 1) * 2 * s.hidden ** 2 * HESSIAN_BYTES
+    return hessians + s.widest_input ** 2 * HESSIAN_BYTES + weights + beside
 
 
 def unquantized_bytes(facts: "ModelFacts | None") -> int:
@@ -165,11 +168,11 @@ def hessian_capture(facts: "ModelFacts | None", compute_dtype: str, samples: int
 
 
 def solve_from_hessians(name: str, facts: "ModelFacts | None", compute_dtype: str, hessian_bytes: int,
-                        offload: str, packed_bytes: int = 0) -> StageMemory | None:
+                        offload: str, packed_bytes: int = 0, concurrent_solves: int = 1) -> StageMemory | None:
     """A permutation solved from the shared Hessians, one decoder layer at a time
-    (hessians.quantize_with_hessians): one layer in the compute dtype and its Hessians, the solve, the
-    finished layers packed in memory (with `offload: disk` on disk), and the unquantized tensors the
-    save reads from the source."""
+    (hessians.quantize_with_hessians): one layer in the compute dtype and its Hessians, the solves
+    (`concurrent_solves` of the layer's groups at once), the finished layers packed in memory (with
+    `offload: disk` on disk), and the unquantized tensors the save reads from the source."""
     s = shapes(facts)
     if s is None:
         return None
@@ -178,7 +181,7 @@ def solve_from_hessians(name: str, facts: "ModelFacts | None", compute_dtype: st
                                        "one layer": s.layer_params * c,
                                        "layer Hessians": hessian_bytes // max(s.layers, 1),
                                        "packed layers": 0 if offload == "disk" else packed_bytes,
-                                       "layer solve": layer_solve(s)})
+                                       "layer solve": layer_solve(s, concurrent_solves)})
 
 
 def evaluation(name: str, facts: "ModelFacts | None", eval_dtype: str, window: int, offload: str,

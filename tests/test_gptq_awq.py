@@ -245,14 +245,14 @@ def test_awq_scale_search_of_one_linear_layer_through_its_inputs_gram_matrix(str
 
 def test_awq_scale_search_runs_the_block_on_several_samples_at_a_time():
     """GPTQModel hands the search one sample per forward and its reference in one chunk per sample;
-    the search runs AWQ_SEARCH_TOKENS tokens of samples per forward and chooses the same scales."""
+    the search runs FORWARD_TOKENS tokens of samples per forward and chooses the same scales."""
     from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
 
-    from quantize.engines.gptqmodel.setup import AWQ_SEARCH_TOKENS, awq_best_scale
+    from quantize.engines.gptqmodel.setup import FORWARD_TOKENS, awq_best_scale
 
     generator = torch.Generator().manual_seed(2)
     block = _search_block(generator)
-    seq_len = AWQ_SEARCH_TOKENS // 4
+    seq_len = FORWARD_TOKENS // 4
     x = torch.randn(10, seq_len, 128, generator=generator, dtype=torch.float64)
     x[..., :6] *= 15
     reference = [block(sample) for sample in x.split(1)]  # as GPTQModel builds it, batch size 1
@@ -269,7 +269,7 @@ def test_awq_scale_search_runs_the_block_on_several_samples_at_a_time():
 
     processor._iter_module_forward_outputs = forward_in_batches
     ours, our_loss = awq_best_scale(processor, x, w_mean, x_mean, block, [block[0]], reference, strides=(1,))
-    assert set(batches) == {4, 2} and processor._quant_batch_size == 1  # 4 samples of AWQ_SEARCH_TOKENS / 4
+    assert set(batches) == {4, 2} and processor._quant_batch_size == 1  # 4 samples of FORWARD_TOKENS / 4
 
     processor._quant_batch_size = None  # GPTQModel's own search, on the whole calibration at once
     processor._iter_module_forward_outputs = lambda x, module, kwargs: iter([module(x)])
@@ -671,9 +671,28 @@ def test_shared_hessians_stream_one_decoder_layer_at_a_time(tiny_model, tmp_path
     assert len(solved) == 8 and max(solved) == 1  # 4 input groups per layer; one layer's float weights at a time
     held = load_unquantized(tiny_model, "float32", lazy.quantize_config)
     shared.quantize_with_hessians(held, whole, "auto")
-    for name in shared.decoder_linears(held):
-        a, b = lazy.model.get_submodule(name), held.model.get_submodule(name)
-        assert all(torch.equal(getattr(a, t), getattr(b, t)) for t in ("qweight", "qzeros", "scales", "g_idx")), name
+    assert_same_packed_layers(lazy, held)
+    # a layer's groups solved two at a time (the CPU default on 2 cores), each on the one core the test
+    # leaves torch, give the same files as one at a time; the core count is restored
+    cores = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, two = (load_unquantized(tiny_model, "float32", lazy.quantize_config) for _ in range(2))
+        shared.quantize_with_hessians(one, whole, "auto", solvers=1)
+        shared.quantize_with_hessians(two, whole, "auto", solvers=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(cores)
+    assert_same_packed_layers(one, two)
+    assert [row["module"] for row in one.quant_log] == [row["module"] for row in two.quant_log]
+
+
+def assert_same_packed_layers(a, b):
+    from quantize.engines.gptqmodel import hessians as shared
+
+    for name in shared.decoder_linears(a):
+        x, y = a.model.get_submodule(name), b.model.get_submodule(name)
+        assert all(torch.equal(getattr(x, t), getattr(y, t)) for t in ("qweight", "qzeros", "scales", "g_idx")), name
 
 
 @pytest.mark.slow
@@ -717,39 +736,39 @@ def test_sequential_and_shared_hessians_give_the_same_quality(release, tiny_mode
 @pytest.mark.slow
 def test_awq_runs_each_decoder_layer_once_to_capture_and_once_to_pass_on(tiny_model, tmp_path, monkeypatch):
     """AWQ captures the inputs of all a layer's linears in one forward of the unquantized layer
-    (true_sequential off), then runs the quantized layer once to feed the next one."""
+    (true_sequential off), then runs the quantized layer once to feed the next one; each forward
+    takes FORWARD_TOKENS of calibration samples."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from quantize.engines.gptqmodel.weights import GPTQModelBackend
+    from quantize.engines.gptqmodel import weights
+    from quantize.engines.gptqmodel.setup import samples_per_forward
 
-    calls: dict[int, int] = {}
-    forward = LlamaDecoderLayer.forward
+    calls: dict[int, list[int]] = {}
+    counted: dict[int, list[int]] = {}
+    forward, quantize_in_loop = LlamaDecoderLayer.forward, weights.quantize_in_loop
 
-    def counting_forward(self, *args, **kwargs):
-        calls[self.self_attn.layer_idx] = calls.get(self.self_attn.layer_idx, 0) + 1
-        return forward(self, *args, **kwargs)
+    def counting_forward(self, hidden_states, *args, **kwargs):
+        calls.setdefault(self.self_attn.layer_idx, []).append(hidden_states.shape[0])
+        return forward(self, hidden_states, *args, **kwargs)
+
+    def counted_loop(*args, **kwargs):  # GPTQModel's loop alone: not the fp16 reference, nor verification
+        calls.clear()
+        quantize_in_loop(*args, **kwargs)
+        counted.update({index: list(batches) for index, batches in calls.items()})
 
     monkeypatch.setattr(LlamaDecoderLayer, "forward", counting_forward)
+    monkeypatch.setattr(weights, "quantize_in_loop", counted_loop)
     data = tiny_recipe(tiny_model, awq=[AWQ_4BIT])
-    data["calibration"]["held_out"] = 0.02
+    data["calibration"].update(held_out=0.02, samples=12, seq_len=1024)
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     recipe = load_recipe(recipe_path)
     plan = build_plan(recipe, inspect_source(recipe))
-    save, when_saved = GPTQModelBackend._save, {}
-
-    def counted_save(self, *args, **kwargs):  # quantizing is over; verification runs the layers again
-        when_saved.update(calls)
-        return save(self, *args, **kwargs)
-
-    monkeypatch.setattr(GPTQModelBackend, "_save", counted_save)
     (outcome,) = run_plan(plan, tmp_path / "out", log=lambda _: None)
     assert outcome.status == "done", outcome.error
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
-    samples = recipe.calibration.samples
-    # one capture and one replay pass over the samples, and a few single calls of GPTQModel's own (19
-    # for 8 samples; one capture per group of linears made 43); the first layer also takes the
-    # model's inputs, one call per sample
-    assert sorted(when_saved) == list(range(layers))
-    assert all(2 * samples <= when_saved[index] < 3 * samples for index in range(1, layers))
-    assert when_saved[0] - when_saved[1] == samples
+    assert samples_per_forward(1024) == 4
+    batches = [4, 4, 4]  # 12 samples of 1,024 tokens, 4,096 tokens per forward
+    # each layer: one capture pass over the samples and, but for the last, one pass of the quantized
+    # layer to feed the next (a capture per group of linears made five passes)
+    assert counted == {**{index: batches * 2 for index in range(layers - 1)}, layers - 1: batches}, counted

@@ -4,6 +4,7 @@ can't fit, and streaming layers from disk (compute.offload: disk) giving the sam
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from quantize import api, memory
 from quantize.cli import main
+from quantize.engines.gptqmodel.hessians import solve_threads
 
 from .conftest import tiny_recipe
 
@@ -62,18 +64,21 @@ def test_plan_shows_the_peak_memory_of_every_stage(tiny_model, write_recipe, cap
 
 
 
-def test_awq_plans_the_scale_searchs_several_samples_per_forward(tiny_model, write_recipe):
-    from quantize.engines.gptqmodel.setup import awq_search_samples
+def test_gptq_and_awq_plan_several_samples_per_forward(tiny_model, write_recipe):
+    """GPTQModel's loop (both formats) and AWQ's scale search run FORWARD_TOKENS of samples per forward."""
+    from quantize.engines.gptqmodel.setup import samples_per_forward
 
     data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}], awq=[{"bits": 4, "group_size": 128}],
                        compute={"device": "cpu"})
     plan = api.plan(write_recipe(data))
-    stages, shapes = stages_of(plan), memory.shapes(plan.source.facts)
+    stages, s = stages_of(plan), memory.shapes(plan.source.facts)
     samples, seq_len = data["calibration"]["samples"], data["calibration"]["seq_len"]
-    forward_samples = min(samples, awq_search_samples(seq_len))
+    forward_samples = min(samples, samples_per_forward(seq_len))
     assert forward_samples > 1
-    gptq, awq = (dict(stages[f"{fmt}/main: quantize"].parts)["calibration activations"] for fmt in ("gptq", "awq"))
-    assert awq - gptq == 3 * (forward_samples - 1) * seq_len * shapes.intermediate * 4  # MLP intermediates, float32
+    for fmt in ("gptq", "awq"):
+        planned = dict(stages[f"{fmt}/main: quantize"].parts)["calibration activations"]
+        # every sample's layer input and output, and the MLP intermediates of one forward's samples, float32
+        assert planned == (2 * samples * seq_len * s.hidden + 3 * forward_samples * seq_len * s.intermediate) * 4
 
 
 def test_streaming_plans_one_layer_resident(tiny_model, write_recipe, capsys):
@@ -111,10 +116,22 @@ def test_shared_hessians_plan_one_layer_resident(tiny_model, write_recipe, capsy
         assert capture["layer Hessians"] == solve["layer Hessians"] == hessians // 2
         assert capture["embeddings"] == shapes.vocab * shapes.hidden * 2 and "model" not in capture | solve
     assert 0 < dict(held["gptq/main: quantize"].parts)["packed layers"] < shapes.linear_params * 2
+    concurrent = solve_threads("cpu", os.cpu_count())
+    assert dict(held["gptq/main: quantize"].parts)["layer solve"] == memory.layer_solve(shapes, concurrent)
     assert "packed layers" not in dict(streamed["gptq/main: quantize"].parts)
     data["compute"]["offload"] = "disk"
     code, out, _ = run_cli(capsys, "plan", write_recipe(data, "streamed.yaml"), "--json")
     assert code == 0 and json.loads(out)["memory"]["offload"] == "disk"
+
+
+def test_concurrent_solves_count_each_groups_work():
+    s = memory.Shapes(params=6_738_415_616, linear_params=6_476_005_376, layers=32, hidden=4096,
+                      intermediate=11008, vocab=32000, widest_input=11008)  # Llama-2-7B
+    one, two, four = (memory.layer_solve(s, n) for n in (1, 2, 4))
+    # the whole layer's float32 weights x3 instead of half of them, and a 4096-wide H and inverse per extra solve
+    assert two - one == 3 * s.layer_params * 4 // 2 + 2 * 4096 ** 2 * 4
+    assert four - two == 2 * 2 * 4096 ** 2 * 4
+    assert solve_threads("cpu", 2) == 2 and solve_threads("cpu", 64) == 4 and solve_threads("cuda:0", 64) == 1
 
 
 @pytest.mark.parametrize("offload, hint", [("none", "set compute.offload: disk"), ("disk", "free memory")])

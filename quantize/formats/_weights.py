@@ -10,6 +10,7 @@ from pydantic import Field
 
 from .. import memory
 from ..calibration import WindowsArtifact
+from ..engines.gptqmodel.setup import samples_per_forward
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
 from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
@@ -145,11 +146,7 @@ class WeightFormatPlugin(Format):
         """The peak memory of quantizing one permutation (memory.StageMemory): GPTQModel's layer loop,
         `packed_bytes` its quantized layers."""
         return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
-                                    offload, packed_bytes, self.samples_per_forward(calib.seq_len))
-
-    def samples_per_forward(self, seq_len: int) -> int:
-        """The most calibration samples one forward pass of GPTQModel's loop runs on."""
-        return 1
+                                    offload, packed_bytes, samples_per_forward(calib.seq_len))
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
                     device: "Device") -> tuple:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes, awq_search_samples
+from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import AWQ_BITS, awq_branch_name, awq_default_description
 from ._weights import WeightFormatPlugin, WeightVariantSpec
@@ -83,9 +83,6 @@ class AWQFormat(WeightFormatPlugin):
 
     def backend(self, context) -> GPTQModelBackend:
         return GPTQModelBackend(context, AWQ)
-
-    def samples_per_forward(self, seq_len: int) -> int:
-        return awq_search_samples(seq_len)  # the scale search's forward passes
 
     def describe_more(self, spec: AWQVariant) -> str:
         return f", {'zero point' if spec.zero_point else 'symmetric'}, {spec.scale_search.replace('_', '-')} scale search"

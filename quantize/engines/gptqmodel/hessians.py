@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ...stages import Artifact, ArtifactStore
 
 INDEX_FILE = "hessians.json"  # the aliases, the token count and the layers, in order
 BYTES_PER_VALUE = 4  # float32
+MAX_SOLVE_THREADS = 4  # a decoder layer's groups: q/k/v, o, gate/up, down
 
 
 class FirstLayerReached(Exception):
@@ -233,16 +235,18 @@ def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device:
 
 
 def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto", device: str = "cpu",
-                           offload_folder: Path | None = None) -> list[dict[str, Any]]:
+                           offload_folder: Path | None = None, solvers: int | None = None) -> list[dict[str, Any]]:
     """GPTQModel's solve and packing for every decoder linear, from the given Hessians, one decoder layer
     at a time: read from the checkpoint (a lazy shell), solved, packed, and with `offload_folder` each
-    packed layer written there (GPTQModel's offload_to_disk, as its own loop does)."""
+    packed layer written there (GPTQModel's offload_to_disk, as its own loop does).
+
+    On a CPU a layer's groups (q/k/v, o, gate/up, down) are solved `solvers` at a time (default:
+    `solve_threads`), the cores shared out between them; on a GPU one at a time.
+    """
     import torch
     from gptqmodel.quantization.config import METHOD, resolve_quant_format
     from gptqmodel.utils.backend import normalize_backend
     from gptqmodel.utils.importer import select_quant_linear
-    from gptqmodel.utils.model import create_quant_module, pack_module
-    from gptqmodel.utils.offload import offload_to_disk
 
     qcfg = gptq_model.quantize_config
     quant_format = resolve_quant_format(qcfg.format, qcfg.method)
@@ -251,37 +255,72 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
         dynamic=qcfg.dynamic, device=qcfg.device, pack_dtype=qcfg.pack_dtype, multi_select=False,
         backend=normalize_backend(backend, quant_method=qcfg.method), format=quant_format, quant_method=qcfg.method)
     gptq_model.qlinear_kernel = kernel
-    lock = threading.Lock()
-    log = []
-    for layer_name, layer in decoder_layers(gptq_model):
-        layer = materialize(gptq_model, layer, device)
-        matrices = hessians.of_layer(layer_name)
-        linears = layer_linears(layer_name, layer)
-        for group in input_groups(linears, hessians):
-            results = solve_group([linears[name] for name in group], matrices[hessians.leader(group[0])],
-                                  hessians.tokens, qcfg)
-            for name, (weights, scales, zeros, g_idx) in zip(group, results["parts"]):
-                linear = linears[name]
-                # a new Parameter: the lazy loader materializes weights as inference tensors, which
-                # GPTQModel's 3-bit packer cannot slice outside inference mode
-                linear.weight = torch.nn.Parameter(weights.to(linear.weight.dtype), requires_grad=False)
-                create_quant_module(name=name, linear_cls=kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
-                                    dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=gptq_model.model,
-                                    submodule=linear, sym=qcfg.sym, device=qcfg.device, lm_head_name=gptq_model.lm_head,
-                                    pack_dtype=qcfg.pack_dtype, format=quant_format, register_buffers=False)
-                packed = gptq_model.model.get_submodule(name)
-                pack_module(name=name, qModules={name: packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
-                            layers={name: linear}, quant_linear_cls=kernel, lock=lock, quantize_config=qcfg)
-                linear.weight.data = linear.weight.data.new_empty(0)  # its float32 copy is no longer needed
-                if offload_folder is not None:
-                    offload_to_disk(module=packed, model=gptq_model.model, disk_path=str(offload_folder), force=True)
-                log.append({"module": name, "damp": results["damp"], "loss": results["loss"],
-                            "time": results["time"]})
-        del matrices
+    packer = Packer(gptq_model, kernel, quant_format, offload_folder)
+    cores = torch.get_num_threads()
+    solvers = solvers or solve_threads(device, cores)
+    torch.set_num_threads(max(1, cores // solvers))
+    try:
+        with ThreadPoolExecutor(solvers) as pool:
+            for layer_name, layer in decoder_layers(gptq_model):
+                layer = materialize(gptq_model, layer, device)
+                matrices = hessians.of_layer(layer_name)
+                linears = layer_linears(layer_name, layer)
+                groups = input_groups(linears, hessians)
+                solves = [pool.submit(solve_group, [linears[name] for name in group],
+                                      matrices[hessians.leader(group[0])], hessians.tokens, qcfg)
+                          for group in groups]
+                for group, solve in zip(groups, solves):
+                    packer.pack({name: linears[name] for name in group}, solve.result())
+                del matrices, solves
+    finally:
+        torch.set_num_threads(cores)
     gptq_model.quantized = True
     qcfg.method = METHOD.GPTQ
-    gptq_model.quant_log = log
-    return log
+    gptq_model.quant_log = packer.log
+    return packer.log
+
+
+def solve_threads(device: str, cores: int) -> int:
+    """How many of a layer's solves run at once. GPTQ's column loop is thousands of small tensor
+    operations whose cost is mostly Python's and the dispatcher's, so on a CPU two solves with one
+    core each are faster than one with two (SmolLM2, 2 cores: 24 s a permutation against 31–35 s);
+    a layer has four groups to solve. A GPU keeps one solve at a time, as before."""
+    return max(1, min(cores, MAX_SOLVE_THREADS)) if device == "cpu" else 1
+
+
+class Packer:
+    """GPTQModel's packing of solved layers into its quantized Linear (`create_quant_module`,
+    `pack_module`), in model order, with `offload_folder` each written to disk as its loop does."""
+
+    def __init__(self, gptq_model, kernel, quant_format, offload_folder: Path | None):
+        self.gptq_model, self.kernel, self.quant_format = gptq_model, kernel, quant_format
+        self.offload_folder = offload_folder
+        self.lock = threading.Lock()
+        self.log: list[dict[str, Any]] = []
+
+    def pack(self, linears: dict[str, Any], results: dict[str, Any]) -> None:
+        import torch
+        from gptqmodel.utils.model import create_quant_module, pack_module
+        from gptqmodel.utils.offload import offload_to_disk
+
+        qcfg, model = self.gptq_model.quantize_config, self.gptq_model.model
+        for (name, linear), (weights, scales, zeros, g_idx) in zip(linears.items(), results["parts"]):
+            # a new Parameter: the lazy loader materializes weights as inference tensors, which
+            # GPTQModel's 3-bit packer cannot slice outside inference mode
+            linear.weight = torch.nn.Parameter(weights.to(linear.weight.dtype), requires_grad=False)
+            create_quant_module(name=name, linear_cls=self.kernel, bits=qcfg.runtime_bits, desc_act=qcfg.desc_act,
+                                dynamic=qcfg.dynamic, group_size=qcfg.group_size, module=model,
+                                submodule=linear, sym=qcfg.sym, device=qcfg.device,
+                                lm_head_name=self.gptq_model.lm_head, pack_dtype=qcfg.pack_dtype,
+                                format=self.quant_format, register_buffers=False)
+            packed = model.get_submodule(name)
+            pack_module(name=name, qModules={name: packed}, q_scales=scales, q_zeros=zeros, q_g_idx=g_idx,
+                        layers={name: linear}, quant_linear_cls=self.kernel, lock=self.lock, quantize_config=qcfg)
+            linear.weight.data = linear.weight.data.new_empty(0)  # its float32 copy is no longer needed
+            if self.offload_folder is not None:
+                offload_to_disk(module=packed, model=model, disk_path=str(self.offload_folder), force=True)
+            self.log.append({"module": name, "damp": results["damp"], "loss": results["loss"],
+                             "time": results["time"]})
 
 
 def input_groups(linears: dict[str, Any], hessians: Hessians) -> list[list[str]]:

@@ -128,10 +128,12 @@ def embeddings_in_stored_dtype(model, source_folder) -> Iterator[None]:
 
 
 def quantize_in_loop(model, batch: list, backend: str, source_folder) -> None:
-    """GPTQModel's layer-by-layer loop over the calibration batch, the embeddings held in the dtype the
-    source stores them in while it reads the source lazily (embeddings_in_stored_dtype)."""
+    """GPTQModel's layer-by-layer loop over the calibration batch, FORWARD_TOKENS tokens' worth of samples
+    per forward pass, the embeddings held in the dtype the source stores them in while it reads the
+    source lazily (embeddings_in_stored_dtype)."""
+    seq_len = max((len(sample["input_ids"]) for sample in batch), default=1)
     with embeddings_in_stored_dtype(model, source_folder):
-        model.quantize(batch, batch_size=1, backend=backend)
+        model.quantize(batch, batch_size=samples_per_forward(seq_len), backend=backend)
 
 
 def on_gpu(device: str | None) -> dict[str, str]:
@@ -206,15 +208,16 @@ def grid_minimum(loss_at: Callable[[int], float], size: int, strides: tuple[int,
     return best, losses
 
 
-# Calibration tokens per forward pass of a block in the scale search: GPTQModel runs one sample at
-# a time (512 tokens: matrix products well below this CPU's speed); 4,096 tokens per pass made the
-# search 13% faster, and the transient MLP activations are 8x one 512-token sample's (plan: memory.py).
-AWQ_SEARCH_TOKENS = 4096
+# Calibration tokens per forward pass, of a decoder layer in GPTQModel's loop and of a block in AWQ's
+# scale search. One 512-token sample at a time (GPTQModel's default batch) keeps the matrix products
+# well below this CPU's speed; 4,096 tokens per pass made AWQ's search 13% faster and a GPTQ permutation
+# ~11% faster, and the transient MLP activations are 8x one 512-token sample's (plan: memory.py).
+FORWARD_TOKENS = 4096
 
 
-def awq_search_samples(seq_len: int) -> int:
-    """Calibration samples per forward pass of a block in the scale search."""
-    return max(1, AWQ_SEARCH_TOKENS // seq_len)
+def samples_per_forward(seq_len: int) -> int:
+    """Calibration samples per forward pass (whole samples, at least one)."""
+    return max(1, FORWARD_TOKENS // seq_len)
 
 
 def awq_best_scale(processor, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs=None,
@@ -224,13 +227,13 @@ def awq_best_scale(processor, x, w_mean, x_mean, module2inspect, linears2scale, 
     For each exponent r on a grid, scales s = x_mean^r / w_mean^(1-r) (or x_mean^r), normalised;
     the layers' weights W become Q(W·s)/s and the block's output is compared with the fp reference.
     `strides` chooses which grid points are tried (`grid_minimum`). The block runs on
-    AWQ_SEARCH_TOKENS tokens' worth of whole samples at a time.
+    FORWARD_TOKENS tokens' worth of whole samples at a time.
     """
     import torch
 
     batch_size = getattr(processor, "_quant_batch_size", None)  # samples per forward, None: all
     if x.dim() == 3 and batch_size:
-        processor._quant_batch_size = max(batch_size, awq_search_samples(x.shape[1]))
+        processor._quant_batch_size = max(batch_size, samples_per_forward(x.shape[1]))
         if isinstance(fp16_output, list):  # GPTQModel's reference, one chunk per `batch_size` samples
             fp16_output = torch.cat(fp16_output)
     try:
