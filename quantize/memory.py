@@ -138,8 +138,7 @@ def gptq_quantize(name: str, facts: "ModelFacts | None", compute_dtype: str, sam
     """GPTQ or AWQ in GPTQModel's layer-by-layer loop. Its lazy loader reads the source one layer at a
     time, the embeddings in the source's dtype (setup.embeddings_in_stored_dtype); the finished layers
     stay in memory packed (`packed_bytes`: the quantized Linear layers), or with `offload: disk` go to
-    disk. `forward_samples`: the most calibration samples one forward pass runs on (AWQ's scale search
-    runs several)."""
+    disk. `forward_samples`: the most calibration samples one forward pass runs on (AWQ runs several)."""
     s = shapes(facts)
     if s is None:
         return None

@@ -772,3 +772,4 @@ def test_awq_runs_each_decoder_layer_once_to_capture_and_once_to_pass_on(tiny_mo
     # each layer: one capture pass over the samples and, but for the last, one pass of the quantized
     # layer to feed the next (a capture per group of linears made five passes)
     assert counted == {**{index: batches * 2 for index in range(layers - 1)}, layers - 1: batches}, counted
+

@@ -64,8 +64,8 @@ def test_plan_shows_the_peak_memory_of_every_stage(tiny_model, write_recipe, cap
 
 
 
-def test_gptq_and_awq_plan_several_samples_per_forward(tiny_model, write_recipe):
-    """GPTQModel's loop (both formats) and AWQ's scale search run FORWARD_TOKENS of samples per forward."""
+def test_awq_plans_several_samples_per_forward(tiny_model, write_recipe):
+    """AWQ's loop and scale search run FORWARD_TOKENS of samples per forward, GPTQ's loop one sample."""
     from quantize.engines.gptqmodel.setup import samples_per_forward
 
     data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}], awq=[{"bits": 4, "group_size": 128}],
@@ -75,10 +75,10 @@ def test_gptq_and_awq_plan_several_samples_per_forward(tiny_model, write_recipe)
     samples, seq_len = data["calibration"]["samples"], data["calibration"]["seq_len"]
     forward_samples = min(samples, samples_per_forward(seq_len))
     assert forward_samples > 1
-    for fmt in ("gptq", "awq"):
+    for fmt, per_forward in (("gptq", 1), ("awq", forward_samples)):
         planned = dict(stages[f"{fmt}/main: quantize"].parts)["calibration activations"]
         # every sample's layer input and output, and the MLP intermediates of one forward's samples, float32
-        assert planned == (2 * samples * seq_len * s.hidden + 3 * forward_samples * seq_len * s.intermediate) * 4
+        assert planned == (2 * samples * seq_len * s.hidden + 3 * per_forward * seq_len * s.intermediate) * 4
 
 
 def test_streaming_plans_one_layer_resident(tiny_model, write_recipe, capsys):

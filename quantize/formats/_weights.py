@@ -10,7 +10,6 @@ from pydantic import Field
 
 from .. import memory
 from ..calibration import WindowsArtifact
-from ..engines.gptqmodel.setup import samples_per_forward
 from ..errors import BadInput
 from ..quant_types import quantized_bits_per_weight
 from ..schema import GroupSize, Strict, branch_name_problem, group_size_label
@@ -18,6 +17,7 @@ from .base import PRESENTATION, Format, Variant
 
 if TYPE_CHECKING:
     from ..devices import Device
+    from ..engines.gptqmodel.weights import WeightFormat
     from ..recipe import Recipe
     from ..source import ModelFacts, SourceModel
 
@@ -95,6 +95,7 @@ class WeightFormatPlugin(Format):
     one_branch_per_variant = True
     library_name = "transformers"
     spec_type: type[WeightVariantSpec]
+    weight_format: "WeightFormat"
 
     def check_section(self, section: list[WeightVariantSpec] | None) -> None:
         if section is None:
@@ -146,7 +147,7 @@ class WeightFormatPlugin(Format):
         """The peak memory of quantizing one permutation (memory.StageMemory): GPTQModel's layer loop,
         `packed_bytes` its quantized layers."""
         return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
-                                    offload, packed_bytes, samples_per_forward(calib.seq_len))
+                                    offload, packed_bytes, self.weight_format.samples_per_forward(calib.seq_len))
 
     def shared_work(self, spec: WeightVariantSpec, windows: WindowsArtifact, source: "SourceModel",
                     device: "Device") -> tuple:

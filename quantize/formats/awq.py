@@ -67,7 +67,8 @@ def awq_quantizing(spec: AWQVariant) -> AbstractContextManager:
 # Computed in the device's dtype like GPTQ: float32 on a CPU (the scale search only needs a
 # floating-point forward; packing: engines/gptqmodel/setup.py), fp16/bf16 on a GPU.
 AWQ = WeightFormat(name="awq", quantize_backend="awq_torch", load_backend="torch_awq",
-                   quantize_settings=awq_settings, release_fields=awq_fields, quantizing=awq_quantizing)
+                   quantize_settings=awq_settings, release_fields=awq_fields, quantizing=awq_quantizing,
+                   batched_forwards=True)
 
 
 class AWQFormat(WeightFormatPlugin):
@@ -81,8 +82,10 @@ class AWQFormat(WeightFormatPlugin):
     requirements = (("transformers", "5.0.0", "loads the model"), ("gptqmodel", None, "the AWQ kernels"),
                     ("accelerate", None, "device_map"))
 
+    weight_format = AWQ
+
     def backend(self, context) -> GPTQModelBackend:
-        return GPTQModelBackend(context, AWQ)
+        return GPTQModelBackend(context, self.weight_format)
 
     def describe_more(self, spec: AWQVariant) -> str:
         return f", {'zero point' if spec.zero_point else 'symmetric'}, {spec.scale_search.replace('_', '-')} scale search"

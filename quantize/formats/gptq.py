@@ -87,8 +87,10 @@ class GPTQFormat(WeightFormatPlugin):
     requirements = (("transformers", "4.49.0", "loads the model"), ("optimum", "1.24.0", "transformers' GPTQ path"),
                     ("gptqmodel", "1.4.3", "the GPTQ kernels"), ("accelerate", None, "device_map"))
 
+    weight_format = GPTQ
+
     def backend(self, context) -> GPTQModelBackend:
-        return GPTQModelBackend(context, GPTQ)
+        return GPTQModelBackend(context, self.weight_format)
 
     def shared_work(self, spec: GPTQVariant, windows, source, device) -> tuple:
         if spec.hessian != "shared":

@@ -127,13 +127,12 @@ def embeddings_in_stored_dtype(model, source_folder) -> Iterator[None]:
         handle.remove()
 
 
-def quantize_in_loop(model, batch: list, backend: str, source_folder) -> None:
-    """GPTQModel's layer-by-layer loop over the calibration batch, FORWARD_TOKENS tokens' worth of samples
-    per forward pass, the embeddings held in the dtype the source stores them in while it reads the
-    source lazily (embeddings_in_stored_dtype)."""
-    seq_len = max((len(sample["input_ids"]) for sample in batch), default=1)
+def quantize_in_loop(model, batch: list, backend: str, source_folder, samples_per_forward: int = 1) -> None:
+    """GPTQModel's layer-by-layer loop over the calibration batch, `samples_per_forward` samples per
+    forward pass, the embeddings held in the dtype the source stores them in while it reads the source
+    lazily (embeddings_in_stored_dtype)."""
     with embeddings_in_stored_dtype(model, source_folder):
-        model.quantize(batch, batch_size=samples_per_forward(seq_len), backend=backend)
+        model.quantize(batch, batch_size=samples_per_forward, backend=backend)
 
 
 def on_gpu(device: str | None) -> dict[str, str]:
@@ -208,10 +207,10 @@ def grid_minimum(loss_at: Callable[[int], float], size: int, strides: tuple[int,
     return best, losses
 
 
-# Calibration tokens per forward pass, of a decoder layer in GPTQModel's loop and of a block in AWQ's
-# scale search. One 512-token sample at a time (GPTQModel's default batch) keeps the matrix products
-# well below this CPU's speed; 4,096 tokens per pass made AWQ's search 13% faster and a GPTQ permutation
-# ~11% faster, and the transient MLP activations are 8x one 512-token sample's (plan: memory.py).
+# Calibration tokens per forward pass of a decoder layer in AWQ's loop and of a block in its scale
+# search. One 512-token sample at a time (GPTQModel's default) keeps the matrix products well below
+# this CPU's speed; 4,096 tokens per pass made AWQ 9% faster, and the transient MLP activations are 8x
+# one 512-token sample's (plan: memory.py). GPTQ keeps one sample per pass (WeightFormat.batched_forwards).
 FORWARD_TOKENS = 4096
 
 

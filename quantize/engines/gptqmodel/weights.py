@@ -26,7 +26,7 @@ from ...stages import Stopwatch
 from .folder import assemble_release, release_files, rewrite_configs, save_model
 from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
 from .setup import (OFFLOAD_SUBDIR, eager_torch, import_gptqmodel, load_streaming, quantize_config, quantize_in_loop,
-                    release_model, supported_model_types)
+                    release_model, samples_per_forward, supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized, weight_reader
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
@@ -46,7 +46,13 @@ class WeightFormat:
     # variant spec -> what holds while GPTQModel quantizes (AWQ: its float32 fixes and scale search)
     quantizing: Callable[[Any], AbstractContextManager] = lambda spec: nullcontext()
 
+    # GPTQModel's loop runs FORWARD_TOKENS of calibration samples per forward pass (else one sample)
+    batched_forwards: bool = False
+
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
+
+    def samples_per_forward(self, seq_len: int) -> int:
+        return samples_per_forward(seq_len) if self.batched_forwards else 1
 
     def quantize_config(self, spec: Any, device: Device | None = None, offload_folder: Path | None = None):
         """GPTQModel's settings (setup.quantize_config); with `offload_folder` the layers stream from disk."""
@@ -170,7 +176,8 @@ class GPTQModelBackend(Backend):
                                            offload_folder if on_disk else None)
             else:
                 with clock.stage("quantize"), fmt.quantizing(spec):
-                    quantize_in_loop(model, batch, fmt.backend_for(device), self.context.model_path)
+                    quantize_in_loop(model, batch, fmt.backend_for(device), self.context.model_path,
+                                     fmt.samples_per_forward(variant.calibration.seq_len))
             damps = [float(row["damp"]) for row in model.quant_log if "damp" in row]
             with clock.stage("save"):
                 self._save(model, staging, spec)
