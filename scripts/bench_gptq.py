@@ -152,7 +152,13 @@ def run_naive(recipe_path: Path, out: Path, variant_ids: list[str]) -> list[dict
 
 def sweep(args, out: Path) -> dict:
     modes = {}
+    reused = dict(item.split("=", 1) for item in args.reuse)
     for mode in ("shared", "sequential"):
+        if mode in reused:  # an earlier run of the same code for this mode
+            modes[mode] = {key: json.loads(Path(reused[mode]).read_text())[mode][key]
+                           for key in ("rows", "seconds", "peak_rss_mb")}
+            print(f"{mode}: from {reused[mode]}", flush=True)
+            continue
         recipe_path = write_recipe(out / mode, args, hessian=mode)
         rows, seconds, rss = run_child(recipe_path, out / mode / "out")
         modes[mode] = {"rows": rows, "seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
@@ -284,10 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="shared Hessians vs sequential, same permutations")
     parser.add_argument("--quick", action="store_true", help="with --sweep: 4 permutations, 16 x 512 calibration")
+    parser.add_argument("--reuse", action="append", default=[], metavar="MODE=SWEEP_JSON",
+                        help="with --sweep: take MODE's (shared or sequential) results from an earlier run's "
+                             "sweep.json instead of running it, where only the other mode's code changed")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one variant, for the naive runs
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for item in args.reuse:
+        mode, _, path = item.partition("=")
+        if mode not in ("shared", "sequential") or not Path(path).is_file():
+            parser.error(f"--reuse {item}: give shared=FILE or sequential=FILE, FILE an earlier sweep.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shared_wikitext = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -319,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             args.samples = 16
         report = sweep(args, out)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
     recipe_path = write_recipe(out, args)
