@@ -33,7 +33,7 @@ class GPTQVariant(WeightVariantSpec):
     # sequential: GPTQModel's own loop, inputs from the already-quantized earlier layers;
     # shared: every permutation solves from one calibration pass over the fp16 model (its Hessians):
     # about a quarter of the quantization time of a 4-permutation sweep, in no more memory, but up
-    # to 1.8% worse perplexity on 4-bit and 3.1% on 3-bit on the fair SmolLM2 (README), so opt-in
+    # to 1.8% worse perplexity on 4-bit and 2.9% on 3-bit on the fair SmolLM2 (README), so opt-in
     hessian: Literal["shared", "sequential"] = "sequential"
 
     @field_validator("bits")
