@@ -346,14 +346,19 @@ def release(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gptq-awq-release")
     shared = {"hessian": "shared"}  # GPTQModel's own loop (the default) is covered by the comparison below
     data = tiny_recipe(tiny_model, gptq=[{**GPTQ_4BIT, **shared}, {**GPTQ_8BIT, **shared}], awq=[AWQ_4BIT])
-    data["calibration"]["held_out"] = 0.02  # a few evaluation windows keep the test quick
+    return _run_release(data, folder)
+
+
+def _run_release(data: dict, folder: Path) -> tuple:
+    """The recipe `data` released into `folder`/out, scored on a few evaluation windows to keep the
+    test quick: the plan, the output folder and the outcomes."""
+    data["calibration"]["held_out"] = 0.02
     recipe_path = folder / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     recipe = load_recipe(recipe_path)
     plan = build_plan(recipe, inspect_source(recipe))
     out = folder / "out"
-    outcomes = run_plan(plan, out, log=lambda _: None)
-    return plan, out, outcomes
+    return plan, out, run_plan(plan, out, log=lambda _: None)
 
 
 def _quantization_configs(folder: Path) -> tuple[dict, dict]:
@@ -714,13 +719,7 @@ def test_sequential_and_shared_hessians_give_the_same_quality(release, tiny_mode
     from quantize.engines.gptqmodel.verify import load_quantized
 
     plan, out, _ = release
-    data = tiny_recipe(tiny_model, gptq=[{**GPTQ_4BIT, "hessian": "sequential"}])
-    data["calibration"]["held_out"] = 0.02
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(data))
-    recipe = load_recipe(recipe_path)
-    sequential_plan = build_plan(recipe, inspect_source(recipe))
-    (outcome,) = run_plan(sequential_plan, tmp_path / "out", log=lambda _: None)
+    _, _, (outcome,) = _run_release(tiny_recipe(tiny_model, gptq=[{**GPTQ_4BIT, "hessian": "sequential"}]), tmp_path)
     assert outcome.status == "done", outcome.error
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (1, 256))
@@ -759,12 +758,8 @@ def test_awq_runs_each_decoder_layer_once_to_capture_and_once_to_pass_on(tiny_mo
     monkeypatch.setattr(LlamaDecoderLayer, "forward", counting_forward)
     monkeypatch.setattr(weights, "quantize_in_loop", counted_loop)
     data = tiny_recipe(tiny_model, awq=[AWQ_4BIT])
-    data["calibration"].update(held_out=0.02, samples=12, seq_len=1024)
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(data))
-    recipe = load_recipe(recipe_path)
-    plan = build_plan(recipe, inspect_source(recipe))
-    (outcome,) = run_plan(plan, tmp_path / "out", log=lambda _: None)
+    data["calibration"].update(samples=12, seq_len=1024)
+    _, _, (outcome,) = _run_release(data, tmp_path)
     assert outcome.status == "done", outcome.error
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     assert samples_per_forward(1024) == 4

@@ -7,13 +7,12 @@ group-aware reordering is off, so every loader that reads GPTQ folders runs them
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import field_validator
 
 from .. import memory
-from ..engines.gptqmodel.hessians import GPTQHessians, hessian_bytes, solve_threads
+from ..engines.gptqmodel.hessians import MAX_SOLVE_THREADS, GPTQHessians, hessian_bytes, solve_threads
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import GPTQ_BITS, exllama_compatible, gptq_branch_name, gptq_default_description
 from ..schema import group_size_on_disk
@@ -105,7 +104,7 @@ class GPTQFormat(WeightFormatPlugin):
             return super().quantize_memory(variant_id, index, spec, calib, source, device, offload, packed_bytes)
         hessians = hessian_bytes(source.facts.config if source.facts else None)
         return memory.solve_from_hessians(variant_id, source.facts, device.compute_dtype, hessians, offload, packed_bytes,
-                                          solve_threads(device.name, os.cpu_count() or 1))
+                                          solve_threads(device.name, MAX_SOLVE_THREADS))  # the most, on any machine
 
     def describe_more(self, spec: GPTQVariant) -> str:
         return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"
