@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from quantize.engines.gptqmodel.setup import SCALE_SEARCHES  # no torch or GPTQModel on import
+from quantize.engines.gptqmodel.awq import SCALE_SEARCHES  # no torch or GPTQModel on import
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off the Q4_1 grid (README)
@@ -215,9 +215,9 @@ def awq_check(args, out: Path) -> dict:
 @contextmanager
 def full_search_curves():
     """The loss at every grid point of each AWQ scale search made with `scale_search: full`."""
-    from quantize.engines.gptqmodel import setup
+    from quantize.engines.gptqmodel import awq
 
-    curves, search = [], setup.grid_minimum
+    curves, search = [], awq.grid_minimum
 
     def recording(loss_at, size, strides):
         best, losses = search(loss_at, size, strides)
@@ -225,17 +225,17 @@ def full_search_curves():
             curves.append([losses[point] for point in range(size)])
         return best, losses
 
-    setup.grid_minimum = recording
+    awq.grid_minimum = recording
     try:
         yield curves
     finally:
-        setup.grid_minimum = search
+        awq.grid_minimum = search
 
 
 def agreement(curves: list[list[float]]) -> tuple[int, int]:
     """Of these loss curves, how many the coarse-to-fine search minimises as the full one does, and how
     many fall and then rise (where it must)."""
-    from quantize.engines.gptqmodel.setup import grid_minimum
+    from quantize.engines.gptqmodel.awq import grid_minimum
 
     def pick(curve, search):
         return grid_minimum(curve.__getitem__, len(curve), SCALE_SEARCHES[search])[0]

@@ -7,7 +7,7 @@ FOLDER-fair is the same function with weights off that grid (README "The fair de
 the demo releases and the benchmarks rank formats on.
 """
 
-import sys
+import argparse
 import time
 from pathlib import Path
 
@@ -18,7 +18,10 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
-folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct")
+parser = argparse.ArgumentParser(description="Build the SmolLM2-135M-Instruct fp16 folder FOLDER and its fair rebuild FOLDER-fair.")
+parser.add_argument("folder", nargs="?", type=Path,
+                    default=Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct")
+folder = parser.parse_args().folder
 started = time.monotonic()
 build_smollm2_fp16(folder)
 print(f"SmolLM2-135M-Instruct fp16: {folder} ({folder_size(folder) / 1e6:.0f} MB, {time.monotonic() - started:.0f} s)")

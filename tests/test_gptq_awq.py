@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import types
@@ -109,7 +110,7 @@ def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_s
 
     from gptqmodel.looper.awq_processor import AWQProcessor
 
-    from quantize.engines.gptqmodel.setup import awq_best_clip
+    from quantize.engines.gptqmodel.awq import awq_best_clip
 
     processor = types.SimpleNamespace(qcfg=types.SimpleNamespace(group_size=group_size, sym=sym, bits=4))
     processor._pseudo_quantize_tensor_into = types.MethodType(AWQProcessor._pseudo_quantize_tensor_into, processor)
@@ -130,7 +131,7 @@ def _unimodal_losses(minimum: int, size: int = 20) -> list[float]:
 
 @pytest.mark.parametrize("minimum", range(20))
 def test_coarse_to_fine_finds_the_exhaustive_minimum_of_a_unimodal_grid_in_9_forwards(minimum):
-    from quantize.engines.gptqmodel.setup import AWQ_GRID, COARSE_TO_FINE, grid_minimum
+    from quantize.engines.gptqmodel.awq import AWQ_GRID, COARSE_TO_FINE, grid_minimum
 
     losses = _unimodal_losses(minimum, AWQ_GRID)
     full, tried_full = grid_minimum(losses.__getitem__, AWQ_GRID, (1,))
@@ -141,7 +142,7 @@ def test_coarse_to_fine_finds_the_exhaustive_minimum_of_a_unimodal_grid_in_9_for
 
 
 def test_grid_minimum_breaks_ties_towards_the_lower_point_and_may_miss_a_second_valley():
-    from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, grid_minimum
+    from quantize.engines.gptqmodel.awq import COARSE_TO_FINE, grid_minimum
 
     assert grid_minimum([3.0, 1.0, 1.0, 2.0].__getitem__, 4, (1,))[0] == 1
     two_valleys = [5.0] * 20
@@ -186,7 +187,7 @@ def test_awq_scale_search_chooses_what_gptqmodels_own_search_chooses(duo_scaling
     is the reference (for a float32 weight it is the weight itself: see awq_fixes)."""
     from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
 
-    from quantize.engines.gptqmodel.setup import COARSE_TO_FINE, awq_best_scale
+    from quantize.engines.gptqmodel.awq import COARSE_TO_FINE, awq_best_scale
 
     generator = torch.Generator().manual_seed(0)
     block = _search_block(generator)
@@ -218,7 +219,7 @@ def test_awq_scale_search_of_one_linear_layer_through_its_inputs_gram_matrix(str
     and picks GPTQModel's scales with the same loss to rounding."""
     from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
 
-    from quantize.engines.gptqmodel.setup import awq_best_scale
+    from quantize.engines.gptqmodel.awq import awq_best_scale
 
     generator = torch.Generator().manual_seed(1)
     linear = _small_random_weights(torch.nn.Linear(128, 256, bias=True, dtype=torch.float64), generator)
@@ -248,7 +249,8 @@ def test_awq_scale_search_runs_the_block_on_several_samples_at_a_time():
     the search runs FORWARD_TOKENS tokens of samples per forward and chooses the same scales."""
     from gptqmodel.looper.awq_processor import AWQProcessor, _compute_awq_weight_mean
 
-    from quantize.engines.gptqmodel.setup import FORWARD_TOKENS, awq_best_scale
+    from quantize.engines.gptqmodel.awq import awq_best_scale
+    from quantize.engines.gptqmodel.setup import FORWARD_TOKENS
 
     generator = torch.Generator().manual_seed(2)
     block = _search_block(generator)
@@ -279,8 +281,45 @@ def test_awq_scale_search_runs_the_block_on_several_samples_at_a_time():
     assert torch.equal(ours, theirs) and our_loss == pytest.approx(their_loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("group_size, bias, dtype", [(64, False, torch.float32), (32, True, torch.float32),
+                                                    (128, False, torch.float16)])
+def test_awq_packing_in_whole_tensors_packs_what_gptqmodel_packs(group_size, bias, dtype):
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    from quantize.engines.gptqmodel.awq import pack_awq_layer
+
+    generator = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(256, 96, bias=bias).to(dtype)
+    weight = torch.randn(96, 256, generator=generator).reshape(96, -1, group_size)
+    low, high = weight.amin(-1), weight.amax(-1)
+    scales = (high - low) / 15
+    zeros = torch.round(-low / scales).clamp(0, 15)
+    codes = torch.clamp(torch.round(weight / scales[..., None]) + zeros[..., None], 0, 15)
+    with torch.no_grad():  # weights on the 4-bit grid, as AWQ hands them to packing
+        linear.weight.copy_(((codes - zeros[..., None]) * scales[..., None]).reshape(96, 256))
+    packed = {}
+    for name, pack in (("theirs", AwqTorchLinear.pack), ("ours", pack_awq_layer)):
+        module = AwqTorchLinear(bits=4, group_size=group_size, sym=False, desc_act=False, in_features=256,
+                                out_features=96, bias=bias, register_buffers=False)
+        pack(module, linear, scales.to(dtype), zeros.to(dtype))
+        packed[name] = {key: value for key, value in module.state_dict().items()}
+    assert packed["ours"].keys() == packed["theirs"].keys() >= {"qweight", "qzeros", "scales"}
+    for key, theirs in packed["theirs"].items():
+        assert packed["ours"][key].dtype == theirs.dtype and torch.equal(packed["ours"][key], theirs), key
+
+
+def test_block_references_are_taken_only_where_they_equal_the_forwards():
+    from quantize.engines.gptqmodel.awq import same_outputs
+
+    forward = [torch.randn(2, 8, 16), torch.randn(1, 8, 16)]
+    assert same_outputs(forward, [t.clone() for t in forward])
+    assert same_outputs(forward, [t * (1 + 1e-6) for t in forward])  # rounding
+    assert not same_outputs(forward, [t * 1.001 for t in forward])
+    assert not same_outputs(forward, [forward[0]])
+
+
 def test_the_gram_matrix_is_used_only_where_it_is_cheaper():
-    from quantize.engines.gptqmodel.setup import _linear_input_gram, grid_evaluations
+    from quantize.engines.gptqmodel.awq import _linear_input_gram, grid_evaluations
 
     assert grid_evaluations(20, (4, 2, 1)) == 9 and grid_evaluations(20, (1,)) == 20
     smollm_down = torch.nn.Linear(1536, 576, bias=False)  # 16 x 512 tokens: Gram
@@ -768,3 +807,56 @@ def test_awq_runs_each_decoder_layer_once_to_capture_and_once_to_pass_on(tiny_mo
     # layer to feed the next (a capture per group of linears made five passes)
     assert counted == {**{index: batches * 2 for index in range(layers - 1)}, layers - 1: batches}, counted
 
+
+
+@pytest.mark.slow
+def test_awq_search_takes_block_references_from_the_capture_pass(tiny_model, tmp_path, monkeypatch):
+    """The scale search compares each grid point's attention and MLP output with the unquantized
+    block's: their last linear (o_proj, down_proj) applied to the input GPTQModel's capture recorded,
+    checked against the block's forward on the first layer and then used without one. The release
+    is the one made with a forward for every reference."""
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
+
+    from quantize.engines.gptqmodel import awq
+
+    forwards: dict[str, dict[str, int]] = {"forward": {}, "captured": {}}
+    made: list = []
+    mode = "forward"
+    def counted(block):
+        @functools.wraps(block.forward)  # GPTQModel reads the forward's signature
+        def forward(self, *args, **kwargs):
+            forwards[mode][block.__name__] = forwards[mode].get(block.__name__, 0) + 1
+            return original(self, *args, **kwargs)
+
+        original = block.forward
+        return forward
+
+    for block in (LlamaAttention, LlamaMLP):
+        monkeypatch.setattr(block, "forward", counted(block))
+    create, prepare = awq.CapturedReferences.__init__, awq.CapturedReferences.prepare
+
+    def recording(self, *args, **kwargs):
+        create(self, *args, **kwargs)
+        made.append(self)
+
+    def prepare_unless_disabled(self, *args):
+        self.local.pending = None
+        if mode == "captured":
+            prepare(self, *args)
+
+    monkeypatch.setattr(awq.CapturedReferences, "__init__", recording)
+    monkeypatch.setattr(awq.CapturedReferences, "prepare", prepare_unless_disabled)
+    tensors = {}
+    for mode in ("forward", "captured"):
+        (tmp_path / mode).mkdir()
+        _, out, (outcome,) = _run_release(tiny_recipe(tiny_model, awq=[AWQ_4BIT]), tmp_path / mode)
+        assert outcome.status == "done", outcome.error
+        tensors[mode] = load_file(next((out / "awq" / "main").glob("*.safetensors")))
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert made[-1].matches == {LlamaAttention: True, LlamaMLP: True}
+    # one reference forward of each block per layer but the first, where it checks the captured one
+    assert {name: forwards["forward"][name] - count for name, count in forwards["captured"].items()} == {
+        "LlamaAttention": layers - 1, "LlamaMLP": layers - 1}, forwards
+    assert tensors["captured"].keys() == tensors["forward"].keys()
+    assert all(torch.equal(tensors["captured"][key], value) for key, value in tensors["forward"].items())

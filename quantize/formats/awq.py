@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from ..engines.gptqmodel.setup import SCALE_SEARCHES, awq_fixes
+from ..engines.gptqmodel.awq import SCALE_SEARCHES, awq_fixes
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import AWQ_BITS, awq_branch_name, awq_default_description
 from ._weights import WeightFormatPlugin, WeightVariantSpec
@@ -65,7 +65,7 @@ def awq_quantizing(spec: AWQVariant) -> AbstractContextManager:
 
 
 # Computed in the device's dtype like GPTQ: float32 on a CPU (the scale search only needs a
-# floating-point forward; packing: engines/gptqmodel/setup.py), fp16/bf16 on a GPU.
+# floating-point forward; engines/gptqmodel/awq.py), fp16/bf16 on a GPU.
 AWQ = WeightFormat(name="awq", quantize_backend="awq_torch", load_backend="torch_awq",
                    quantize_settings=awq_settings, release_fields=awq_fields, quantizing=awq_quantizing,
                    batched_forwards=True)
