@@ -308,14 +308,64 @@ def test_awq_packing_in_whole_tensors_packs_what_gptqmodel_packs(group_size, bia
         assert packed["ours"][key].dtype == theirs.dtype and torch.equal(packed["ours"][key], theirs), key
 
 
-def test_block_references_are_taken_only_where_they_equal_the_forwards():
-    from quantize.engines.gptqmodel.awq import same_outputs
+def _reference_setup(scale_output: float = 1.0):
+    """A layer whose block `mlp` outputs its last linear's output times `scale_output`, its input x,
+    and what a capture pass records of it."""
+    generator = torch.Generator().manual_seed(4)
+    block = _small_random_weights(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                      torch.nn.Linear(32, 16)), generator)
+    x = torch.randn(5, 8, 16, generator=generator)
+    captured = {"mlp.0": x, "mlp.2": block[1](block[0](x))}
+    layer = torch.nn.Module()
+    layer.mlp = block if scale_output == 1.0 else torch.nn.Sequential(*block, torch.nn.Identity())
+    if scale_output != 1.0:
+        layer.mlp.register_forward_hook(lambda module, args, output: output * scale_output)
+    return layer, x, captured
 
-    forward = [torch.randn(2, 8, 16), torch.randn(1, 8, 16)]
-    assert same_outputs(forward, [t.clone() for t in forward])
-    assert same_outputs(forward, [t * (1 + 1e-6) for t in forward])  # rounding
-    assert not same_outputs(forward, [t * 1.001 for t in forward])
-    assert not same_outputs(forward, [forward[0]])
+
+def _forwards_in_pairs(calls: list):
+    def forward(processor, x, module, kwargs):
+        for part in x.split(2):
+            calls.append(part.shape[0])
+            yield module(part)
+    return forward
+
+
+@pytest.mark.parametrize("scale_output", [1.0, 1.001])
+def test_block_references_come_from_the_captured_input_where_they_equal_the_forwards(scale_output):
+    """Checked once against the forward (whose outputs that search gets), then used without one;
+    a block whose output is not its last linear's (here scaled after it) keeps its forward."""
+    from quantize.engines.gptqmodel.awq import CapturedReferences
+
+    layer, x, captured = _reference_setup(scale_output)
+    references = CapturedReferences(evaluations=9)
+    references.remember_inputs(captured)
+    processor, calls = types.SimpleNamespace(_quant_batch_size=2), []
+    forward = _forwards_in_pairs(calls)
+    expected = [layer.mlp(part) for part in x.split(2)]
+    for search in range(3):
+        calls.clear()
+        references.prepare(processor, layer, layer.mlp, [layer.mlp[0]], x)
+        with torch.inference_mode():
+            outputs = list(references.block_outputs(forward, processor, x, layer.mlp, {}))
+        matches = scale_output == 1.0
+        assert references.matches == {torch.nn.Sequential: matches}
+        assert len(outputs) == 3 and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(outputs, expected))
+        assert calls == ([] if matches and search else [2, 2, 1])  # a forward only to check, or where unequal
+        assert list(references.block_outputs(forward, processor, x, layer.mlp, {}))  # later calls: the forward
+
+
+def test_a_linear_block_scored_through_its_gram_matrix_gets_no_reference():
+    from quantize.engines.gptqmodel.awq import CapturedReferences
+
+    layer, x, captured = _reference_setup()
+    references, calls = CapturedReferences(evaluations=9), []
+    references.remember_inputs(captured)
+    processor = types.SimpleNamespace(_quant_batch_size=2)
+    tokens = torch.randn(64, 8, 32)  # 512 tokens: the Gram matrix is cheaper than 9 forwards
+    references.prepare(processor, layer, layer.mlp[2], [layer.mlp[2]], tokens)
+    assert list(references.block_outputs(_forwards_in_pairs(calls), processor, tokens, layer.mlp[2], {})) == []
+    assert calls == []
 
 
 def test_the_gram_matrix_is_used_only_where_it_is_cheaper():

@@ -3,6 +3,7 @@ and block references replaced by the same algorithms computed with fewer operati
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -254,55 +255,61 @@ class CapturedReferences:
         self.local.features = weakref.WeakValueDictionary(features)  # GPTQModel decides how long they live
 
     def prepare(self, processor, layer, block, linears2scale, x) -> None:
-        """Before the search of `block`: its reference, where it can be had without a forward."""
+        """Before the search of `block`: how to have its reference without a forward, if there is a way."""
         import torch
         from gptqmodel.quantization.awq.utils.module import get_op_name
 
         self.local.pending = None
         if isinstance(block, torch.nn.Linear):
             if gram_is_cheaper(x, block, linears2scale, self.evaluations):
-                self.local.pending = (None, [])
+                self.local.pending = (None, None, None)
             return
         if self.matches.get(type(block)) is False:
             return
-        last = [module for module in block.modules() if isinstance(module, torch.nn.Linear)]
+        linears = [module for module in block.modules() if isinstance(module, torch.nn.Linear)]
         features = getattr(self.local, "features", {})
-        captured = features.get(get_op_name(layer, last[-1])) if last else None
-        if captured is None or x.dim() < 2 or captured.shape[:-1] != x.shape[:-1]:
-            return
-        batch = processor._quant_batch_size or captured.shape[0]
-        weight, bias = last[-1].weight, last[-1].bias
-        with torch.inference_mode():
-            outputs = [torch.nn.functional.linear(part.to(weight.device, weight.dtype), weight, bias)
-                       for part in captured.split(batch)]
-        self.local.pending = (type(block), outputs)
+        captured = features.get(get_op_name(layer, linears[-1])) if linears else None
+        if captured is not None and x.dim() >= 2 and captured.shape[:-1] == x.shape[:-1]:
+            samples = processor._quant_batch_size or captured.shape[0]  # as GPTQModel's forwards split them
+            self.local.pending = (type(block), linears[-1], captured.split(samples))
 
     def block_outputs(self, forward, processor, x, module, kwargs):
-        """GPTQModel's `_iter_module_forward_outputs`; its first call in a search (the reference) takes
-        the prepared outputs."""
+        """GPTQModel's `_iter_module_forward_outputs`; its first call in a search (the reference) yields
+        the prepared outputs, one chunk at a time as the forward would."""
+        import torch
+
         pending, self.local.pending = getattr(self.local, "pending", None), None
         if pending is None:
             yield from forward(processor, x, module, kwargs)
             return
-        kind, outputs = pending
-        if kind is None or self.matches.get(kind):
-            yield from outputs
+        kind, linear, parts = pending
+        if kind is None:
             return
-        forwarded = list(forward(processor, x, module, kwargs))
-        self.matches[kind] = same_outputs(forwarded, outputs)
-        yield from forwarded
+        ours = (torch.nn.functional.linear(part.to(linear.weight.device, linear.weight.dtype), linear.weight,
+                                           linear.bias) for part in parts)
+        if self.matches.get(kind):
+            yield from ours
+            return
+        difference = size = 0.0
+        same = True
+        for forwarded, computed in itertools.zip_longest(forward(processor, x, module, kwargs), ours):
+            if forwarded is None:
+                same = False
+                break
+            if computed is None or computed.shape != forwarded.shape:
+                same = False
+            else:
+                difference += float((forwarded.float() - computed.float()).pow(2).sum())
+                size += float(forwarded.float().pow(2).sum())
+            yield forwarded
+        self.matches[kind] = same and math.sqrt(difference) <= rounding_tolerance(linear.weight.dtype) * math.sqrt(size)
 
 
-def same_outputs(ours: list, theirs: list) -> bool:
-    """Equal to rounding: a relative difference within a few of the dtype's epsilons (1e-5 in float32)."""
+def rounding_tolerance(dtype) -> float:
+    """A relative difference two computations of one output may show from rounding alone."""
     import torch
 
-    a = torch.cat([t.flatten().float() for t in ours])
-    b = torch.cat([t.flatten().float().to(a.device) for t in theirs])
-    if a.shape != b.shape:
-        return False
-    tolerance = max(1e-5, 4 * torch.finfo(ours[0].dtype).eps)
-    return bool(torch.linalg.vector_norm(a - b) <= tolerance * torch.linalg.vector_norm(a))
+    return max(1e-5, 4 * torch.finfo(dtype).eps)
 
 
 @contextmanager
