@@ -270,7 +270,7 @@ class CapturedReferences:
         features = getattr(self.local, "features", {})
         captured = features.get(get_op_name(layer, linears[-1])) if linears else None
         if captured is not None and x.dim() >= 2 and captured.shape[:-1] == x.shape[:-1]:
-            samples = processor._quant_batch_size or captured.shape[0]  # as GPTQModel's forwards split them
+            samples = getattr(processor, "_quant_batch_size", None) or captured.shape[0]  # as its forwards split
             self.local.pending = (type(block), linears[-1], captured.split(samples))
 
     def block_outputs(self, forward, processor, x, module, kwargs):
