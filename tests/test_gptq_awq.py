@@ -858,7 +858,6 @@ def test_awq_runs_each_decoder_layer_once_to_capture_and_once_to_pass_on(tiny_mo
     assert counted == {**{index: batches * 2 for index in range(layers - 1)}, layers - 1: batches}, counted
 
 
-
 @pytest.mark.slow
 def test_awq_search_takes_block_references_from_the_capture_pass(tiny_model, tmp_path, monkeypatch):
     """The scale search compares each grid point's attention and MLP output with the unquantized
@@ -873,6 +872,7 @@ def test_awq_search_takes_block_references_from_the_capture_pass(tiny_model, tmp
     forwards: dict[str, dict[str, int]] = {"forward": {}, "captured": {}}
     made: list = []
     mode = "forward"
+
     def counted(block):
         @functools.wraps(block.forward)  # GPTQModel reads the forward's signature
         def forward(self, *args, **kwargs):

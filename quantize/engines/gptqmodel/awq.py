@@ -229,6 +229,9 @@ def pack_awq_layer(self, linear, scales, zeros, g_idx=None) -> None:
     self.register_buffer("qzeros", qzeros)
 
 
+NO_REFERENCE = object()  # a pending search whose loss needs no reference output (the Gram matrix's)
+
+
 class CapturedReferences:
     """The unquantized output of a block AWQ's scale search looks through, from GPTQModel's capture
     pass instead of a forward of the block.
@@ -262,7 +265,7 @@ class CapturedReferences:
         self.local.pending = None
         if isinstance(block, torch.nn.Linear):
             if gram_is_cheaper(x, block, linears2scale, self.evaluations):
-                self.local.pending = (None, None, None)
+                self.local.pending = NO_REFERENCE
             return
         if self.matches.get(type(block)) is False:
             return
@@ -282,9 +285,9 @@ class CapturedReferences:
         if pending is None:
             yield from forward(processor, x, module, kwargs)
             return
-        kind, linear, parts = pending
-        if kind is None:
+        if pending is NO_REFERENCE:
             return
+        kind, linear, parts = pending
         ours = (torch.nn.functional.linear(part.to(linear.weight.device, linear.weight.dtype), linear.weight,
                                            linear.bias) for part in parts)
         if self.matches.get(kind):
@@ -299,8 +302,9 @@ class CapturedReferences:
             if computed is None or computed.shape != forwarded.shape:
                 same = False
             else:
-                difference += float((forwarded.float() - computed.float()).pow(2).sum())
-                size += float(forwarded.float().pow(2).sum())
+                expected = forwarded.float()
+                difference += float((expected - computed.float()).pow(2).sum())
+                size += float(expected.pow(2).sum())
             yield forwarded
         self.matches[kind] = same and math.sqrt(difference) <= rounding_tolerance(linear.weight.dtype) * math.sqrt(size)
 
