@@ -7,10 +7,11 @@ weights before saving), both run in float32; and the mean relative Q4_1 round-tr
 ||W - Q4_1(W)|| / ||W|| over the decoder's linear weights of the plain model, the fair model and
 random Gaussian weights of the same shapes and standard deviations; and how salient the input
 channels of the layers AWQ scales are (per layer, the largest channel's mean |x| over the median
-channel's, averaged over the layers): the random rotation of the fair model's residual stream
-spreads its outlier channels, which AWQ's scales are chosen for. Nothing is asserted.
+channel's, averaged over the layers): the signed permutation of the fair model's residual stream
+keeps its outlier channels, which AWQ's scales are chosen for, and the earlier rebuild's rotation
+(--residual rotation, folder models/SmolLM2-135M-Instruct-rotated) spreads them. Nothing is asserted.
 
-    flock /tmp/quantize-heavy.lock .venv/bin/python scripts/check_fair_model.py [--fresh]
+    flock /tmp/quantize-heavy.lock .venv/bin/python scripts/check_fair_model.py [--fresh] [--residual rotation]
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from model_builders import (build_fair_smollm2, build_smollm2_fp16, decoder_linear_weights,  # noqa: E402
-                            gaussian_like, logit_agreement, make_function_preserving, q4_1_relative_error)
+from model_builders import (RESIDUAL_TRANSFORMS, build_fair_smollm2, build_smollm2_fp16,  # noqa: E402
+                            decoder_linear_weights, gaussian_like, logit_agreement, make_function_preserving,
+                            q4_1_relative_error)
 
 WIKITEXT = Path(os.environ.get("QUANTIZE_WIKITEXT_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
 
@@ -36,12 +38,18 @@ WIKITEXT = Path(os.environ.get("QUANTIZE_WIKITEXT_DIR", REPO.parent / "shared" /
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--original", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct")
-    parser.add_argument("--fair", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct-fair")
+    parser.add_argument("--fair", type=Path, help="default: models/SmolLM2-135M-Instruct-fair (-rotated with "
+                        "--residual rotation)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--residual", choices=sorted(RESIDUAL_TRANSFORMS), default="signed_permutation",
+                        help="how the rebuild transforms the residual stream (rotation: the earlier rebuild)")
     parser.add_argument("--tokens", type=int, default=1024, help="held-out tokens: the end of wikitext-2 test")
     parser.add_argument("--text", type=Path, default=WIKITEXT / "wikitext-2-raw-v1" / "wiki.test.raw")
     parser.add_argument("--fresh", action="store_true", help="rebuild the fair folder (for its build time)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    suffix = "rotated" if args.residual == "rotation" else "fair"
+    args.fair = args.fair or REPO / "models" / f"SmolLM2-135M-Instruct-{suffix}"
+    return args
 
 
 def folder_mb(folder: Path) -> float:
@@ -59,7 +67,7 @@ def main() -> None:
         shutil.rmtree(args.fair)
     cached = args.fair.is_dir()
     started = time.monotonic()
-    build_fair_smollm2(args.fair, seed=args.seed, source=args.original)
+    build_fair_smollm2(args.fair, seed=args.seed, source=args.original, residual=args.residual)
     built = "cached" if cached else f"built in {time.monotonic() - started:.0f} s"
     print(f"plain: {args.original} ({folder_mb(args.original):.0f} MB)")
     print(f"fair:  {args.fair} ({folder_mb(args.fair):.0f} MB, {built})")
@@ -69,7 +77,7 @@ def main() -> None:
     ids = tokenizer(text[-args.tokens * 20:], return_tensors="pt").input_ids[:, -args.tokens:]
     original = AutoModelForCausalLM.from_pretrained(args.original, dtype=torch.float32).eval()
     fair = AutoModelForCausalLM.from_pretrained(args.fair, dtype=torch.float32).eval()
-    in_memory = make_function_preserving(copy.deepcopy(original), seed=args.seed).eval()
+    in_memory = make_function_preserving(copy.deepcopy(original), seed=args.seed, residual=args.residual).eval()
 
     started = time.monotonic()
     kl, top1 = logit_agreement(original, fair, ids)

