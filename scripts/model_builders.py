@@ -58,8 +58,8 @@ flatters llama.cpp's k-quants and penalises symmetric GPTQ, so no quality figure
 plain rebuild can rank formats fairly.
 
 Here the same function is written with different weights: every RMSNorm weight is folded into the
-linear layers that read its output (the norms' weights are 1), the residual stream is {residual}
-(seed {seed}), each key/value head's value rows are rotated by a random
+linear layers that read its output (the norms' weights are 1), the residual stream is
+{residual}, each key/value head's value rows are rotated by a random
 orthogonal matrix undone in the output projection, and the MLP's intermediate channels are rescaled
 (up rows times s, down columns divided by s, s = exp(U(-0.7, 0.7))). The output head is untied from
 the embeddings (the final norm's weight is folded into it), which adds 28M parameters. The logits
@@ -68,8 +68,8 @@ random weights.
 """
 
 RESIDUAL_CARD_TEXT = {
-    "signed_permutation": "permuted, with random signs, so its outlier channels stay outliers, as in the\noriginal",
-    "rotation": "rotated by one random orthogonal matrix, which spreads its outlier channels over\nevery channel",
+    "signed_permutation": "permuted, with random signs (seed {seed}), so its outlier channels stay outliers as in\nthe original",
+    "rotation": "rotated by one random orthogonal matrix (seed {seed}), which spreads its outlier channels\nover every channel",
 }
 
 
