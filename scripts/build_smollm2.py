@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from model_builders import build_fair_smollm2, build_smollm2_fp16
+from model_builders import build_fair_smollm2, build_smollm2_fp16, fair_folder
 
 
 def folder_size(folder: Path) -> int:
@@ -30,11 +30,11 @@ started = time.monotonic()
 build_smollm2_fp16(folder)
 print(f"SmolLM2-135M-Instruct fp16: {folder} ({folder_size(folder) / 1e6:.0f} MB, {time.monotonic() - started:.0f} s)")
 started = time.monotonic()
-fair = build_fair_smollm2(folder.with_name(folder.name + "-fair"), source=folder)
+fair = build_fair_smollm2(fair_folder(folder), source=folder)
 print(f"SmolLM2-135M-Instruct fp16, off the Q4_1 grid: {fair} ({folder_size(fair) / 1e6:.0f} MB, "
       f"{time.monotonic() - started:.0f} s)")
 if args.rotated:
     started = time.monotonic()
-    rotated = build_fair_smollm2(folder.with_name(folder.name + "-rotated"), source=folder, residual="rotation")
+    rotated = build_fair_smollm2(fair_folder(folder, "rotation"), source=folder, residual="rotation")
     print(f"SmolLM2-135M-Instruct fp16, off the Q4_1 grid, residual stream rotated: {rotated} "
           f"({folder_size(rotated) / 1e6:.0f} MB, {time.monotonic() - started:.0f} s)")

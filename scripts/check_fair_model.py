@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from model_builders import (RESIDUAL_TRANSFORMS, build_fair_smollm2, build_smollm2_fp16,  # noqa: E402
-                            decoder_linear_weights, gaussian_like, logit_agreement, make_function_preserving,
-                            q4_1_relative_error)
+                            channel_outlier_ratio, decoder_linear_weights, fair_folder, gaussian_like,
+                            logit_agreement, make_function_preserving, q4_1_relative_error)
 
 WIKITEXT = Path(os.environ.get("QUANTIZE_WIKITEXT_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
 
@@ -47,8 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text", type=Path, default=WIKITEXT / "wikitext-2-raw-v1" / "wiki.test.raw")
     parser.add_argument("--fresh", action="store_true", help="rebuild the fair folder (for its build time)")
     args = parser.parse_args()
-    suffix = "rotated" if args.residual == "rotation" else "fair"
-    args.fair = args.fair or REPO / "models" / f"SmolLM2-135M-Instruct-{suffix}"
+    args.fair = args.fair or fair_folder(args.original, args.residual)
     return args
 
 
@@ -108,27 +107,6 @@ def main() -> None:
 # The inputs AWQ chooses scales for in a Llama layer: the attention's and the MLP's input (normed
 # residual stream, read by q/k/v and gate/up) and the MLP's hidden state (read by down).
 AWQ_SCALED_INPUTS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
-
-
-def channel_outlier_ratio(model, input_ids, suffix: str) -> float:
-    """Per decoder layer, the largest per-channel mean |input| of the linear `suffix` over the median
-    one; averaged over the layers."""
-    import torch
-
-    ratios = []
-
-    def measure(module, args):
-        magnitude = args[0].detach().abs().reshape(-1, args[0].shape[-1]).mean(0)
-        ratios.append(float(magnitude.max() / magnitude.median()))
-
-    handles = [layer.get_submodule(suffix).register_forward_pre_hook(measure) for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sum(ratios) / len(ratios)
 
 
 if __name__ == "__main__":

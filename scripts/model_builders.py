@@ -176,6 +176,13 @@ def random_signed_permutation(size: int, generator):
 RESIDUAL_TRANSFORMS = {"signed_permutation": random_signed_permutation, "rotation": random_orthogonal}
 
 
+def fair_folder(plain: Path, residual: str = "signed_permutation") -> Path:
+    """Where the fair rebuild of the plain fp16 folder `plain` goes: beside it, named -fair, or
+    -rotated for the earlier rebuild (`residual="rotation"`)."""
+    suffix = {"signed_permutation": "-fair", "rotation": "-rotated"}[residual]
+    return Path(plain).with_name(Path(plain).name + suffix)
+
+
 def make_function_preserving(model, seed: int = 0, residual: str = "signed_permutation"):
     """Rewrite a transformers LlamaForCausalLM in place with different weights computing the same
     function (up to rounding), so that they no longer sit on any quantization grid; returns it.
@@ -207,7 +214,7 @@ def make_function_preserving(model, seed: int = 0, residual: str = "signed_permu
     if residual not in RESIDUAL_TRANSFORMS:
         raise ValueError(f"residual must be one of {sorted(RESIDUAL_TRANSFORMS)}, not {residual!r}")
     generator = torch.Generator().manual_seed(seed)
-    rotation = RESIDUAL_TRANSFORMS[residual](config.hidden_size, generator)
+    residual_q = RESIDUAL_TRANSFORMS[residual](config.hidden_size, generator)
 
     def get(parameter):
         return parameter.detach().to(torch.float64)
@@ -218,19 +225,19 @@ def make_function_preserving(model, seed: int = 0, residual: str = "signed_permu
 
     inner = model.model
     final_norm = get(inner.norm.weight)
-    head = get(model.lm_head.weight) * final_norm @ rotation
+    head = get(model.lm_head.weight) * final_norm @ residual_q
     model.lm_head.weight = torch.nn.Parameter(head.to(model.lm_head.weight.dtype))
     config.tie_word_embeddings = False
-    put(inner.embed_tokens.weight, get(inner.embed_tokens.weight) @ rotation)
+    put(inner.embed_tokens.weight, get(inner.embed_tokens.weight) @ residual_q)
     put(inner.norm.weight, torch.ones_like(final_norm))
 
     for layer in inner.layers:
         attention, mlp = layer.self_attn, layer.mlp
         norm = get(layer.input_layernorm.weight)
         for projection in (attention.q_proj, attention.k_proj):
-            put(projection.weight, get(projection.weight) * norm @ rotation)
-        values = get(attention.v_proj.weight) * norm @ rotation
-        output = rotation.T @ get(attention.o_proj.weight)
+            put(projection.weight, get(projection.weight) * norm @ residual_q)
+        values = get(attention.v_proj.weight) * norm @ residual_q
+        output = residual_q.T @ get(attention.o_proj.weight)
         for kv_head in range(kv_heads):
             turn = random_orthogonal(head_dim, generator)
             rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
@@ -244,9 +251,9 @@ def make_function_preserving(model, seed: int = 0, residual: str = "signed_permu
 
         norm = get(layer.post_attention_layernorm.weight)
         scale = torch.empty(config.intermediate_size, dtype=torch.float64).uniform_(-0.7, 0.7, generator=generator).exp()
-        put(mlp.gate_proj.weight, get(mlp.gate_proj.weight) * norm @ rotation)
-        put(mlp.up_proj.weight, (get(mlp.up_proj.weight) * norm @ rotation) * scale[:, None])
-        put(mlp.down_proj.weight, (rotation.T @ get(mlp.down_proj.weight)) / scale[None, :])
+        put(mlp.gate_proj.weight, get(mlp.gate_proj.weight) * norm @ residual_q)
+        put(mlp.up_proj.weight, (get(mlp.up_proj.weight) * norm @ residual_q) * scale[:, None])
+        put(mlp.down_proj.weight, (residual_q.T @ get(mlp.down_proj.weight)) / scale[None, :])
         put(layer.post_attention_layernorm.weight, torch.ones_like(norm))
     return model
 
@@ -352,3 +359,24 @@ def logit_agreement(reference, candidate, input_ids) -> tuple[float, float]:
     kl = (expected.exp() * (expected - got)).sum(-1)
     same = (expected.argmax(-1) == got.argmax(-1)).float()
     return float(kl.mean()), float(same.mean())
+
+
+def channel_outlier_ratio(model, input_ids, suffix: str) -> float:
+    """Per decoder layer, the largest per-channel mean |input| of the linear `suffix` over the median
+    one; averaged over the layers."""
+    import torch
+
+    ratios = []
+
+    def measure(module, args):
+        magnitude = args[0].detach().abs().reshape(-1, args[0].shape[-1]).mean(0)
+        ratios.append(float(magnitude.max() / magnitude.median()))
+
+    handles = [layer.get_submodule(suffix).register_forward_pre_hook(measure) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(ratios) / len(ratios)

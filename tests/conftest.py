@@ -79,9 +79,9 @@ def smollm2_folder() -> Path:
 @pytest.fixture(scope="session")
 def fair_smollm2_folder(smollm2_folder) -> Path:
     """SmolLM2 with its weights off the Q4_1 grid (the demo recipe's source; ~10 s after the plain one)."""
-    from model_builders import build_fair_smollm2
+    from model_builders import build_fair_smollm2, fair_folder
 
-    return build_fair_smollm2(REPO / "models" / "SmolLM2-135M-Instruct-fair", source=smollm2_folder)
+    return build_fair_smollm2(fair_folder(smollm2_folder), source=smollm2_folder)
 
 
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,

@@ -12,8 +12,9 @@ import copy
 import pytest
 import torch
 
-from model_builders import (RESIDUAL_TRANSFORMS, build_fair_smollm2, decoder_linear_weights, gaussian_like,
-                            logit_agreement, make_function_preserving, q4_1_relative_error, q4_1_round_trip)
+from model_builders import (RESIDUAL_TRANSFORMS, build_fair_smollm2, channel_outlier_ratio, decoder_linear_weights,
+                            gaussian_like, logit_agreement, make_function_preserving, q4_1_relative_error,
+                            q4_1_round_trip)
 from .conftest import SHARED_WIKITEXT
 
 KL_BOUND = 1e-3
@@ -76,25 +77,17 @@ def test_tiny_rebuild_computes_the_same_function_off_the_grid(grid_model, residu
     assert 1 / RATIO_MAX < fair_error / random_error < RATIO_MAX, (fair_error, random_error)
 
 
-def salient_channel_ratio(model, input_ids) -> float:
-    """The first layer's q_proj input: its largest per-channel mean |x| over the median channel's."""
-    seen = []
-    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].abs().reshape(-1, args[0].shape[-1]).mean(0)))
-    with torch.no_grad():
-        model(input_ids)
-    handle.remove()
-    return float(seen[0].max() / seen[0].median())
-
-
 def test_signed_permutation_keeps_outlier_channels_and_rotation_spreads_them(grid_model):
     original = copy.deepcopy(grid_model)
     with torch.no_grad():  # three residual channels with 30x the others' magnitude, as real checkpoints have
         original.model.embed_tokens.weight[:, :3] *= 30
     ids = torch.randint(0, original.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(3))
-    before = salient_channel_ratio(original, ids)
-    permuted = salient_channel_ratio(make_function_preserving(copy.deepcopy(original), residual="signed_permutation"), ids)
-    rotated = salient_channel_ratio(make_function_preserving(copy.deepcopy(original), residual="rotation"), ids)
+    attention_input = "self_attn.q_proj"  # the layers' averaged ratio of largest to median channel
+    before = channel_outlier_ratio(original, ids, attention_input)
+    permuted = channel_outlier_ratio(make_function_preserving(copy.deepcopy(original), residual="signed_permutation"),
+                                     ids, attention_input)
+    rotated = channel_outlier_ratio(make_function_preserving(copy.deepcopy(original), residual="rotation"),
+                                    ids, attention_input)
     assert before > 10
     assert permuted > 0.5 * before  # the norm weights folded in change it a little, the permutation not at all
     assert rotated < 0.25 * permuted
