@@ -204,20 +204,21 @@ def window_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 def score_windows(model: torch.nn.Module, reference: ReferenceFile, bos: int | None,
                   baseline_perplexity: float) -> Quality:
     """The model on the reference's windows, against its log-probs, as llama.cpp's kl_divergence computes it."""
-    nll, klds, same = 0.0, [], 0
+    window_nll, klds, same = [], [], 0
     for index in range(reference.windows):
         ids = reference.tokens[index].tolist()
         logits = window_logits(model, with_bos(ids, bos))
         log_q = torch.log_softmax(logits, dim=-1)
         log_p = reference.rows(index)
-        nll += target_nll(log_q, ids)
+        window_nll.append(target_nll(log_q, ids) / len(logits))
         terms = torch.where(log_p > KLD_FLOOR, log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
         klds.append(terms.sum(dim=-1))
         same += int((logits.argmax(dim=-1) == log_p.argmax(dim=-1)).sum())
     values = torch.cat(klds)
     count = len(values)
-    return Quality(math.exp(nll / count), baseline_perplexity, float(values.mean()), percentile(values, 0.99),
-                   same / count, count, reference.windows, reference.window)
+    return Quality(math.exp(sum(window_nll) / len(window_nll)), baseline_perplexity,
+                   float(values.mean()), percentile(values, 0.99), same / count, count, reference.windows,
+                   reference.window, tuple(window_nll))
 
 
 # --- quantized layers as dense ones (GPTQ/AWQ evaluation) ---------------------------------------

@@ -6,6 +6,9 @@ Kept free of torch: the runner and publishing read it.
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,22 @@ class Quality:
     eval_tokens: int  # scored tokens
     eval_windows: int
     eval_window: int
+    # each scored window's mean negative log-likelihood (nats per token), where the engine reports it:
+    # two variants scored on the same windows are then compared pairwise (`paired_change`)
+    window_nll: tuple[float, ...] = ()
+
+
+def paired_change(base: Sequence[float], other: Sequence[float]) -> tuple[float, float]:
+    """`other`'s perplexity relative to `base`'s, in percent, and that change's standard error, from
+    their per-window NLLs on the same windows (`Quality.window_nll`). Each window scores as many
+    tokens, so the perplexity ratio is exp(mean of the windows' NLL differences); its error comes
+    from how those differences spread over the windows (a paired comparison: the windows' own
+    difficulty, which both variants share, cancels)."""
+    if len(base) != len(other) or len(base) < 2:
+        raise ValueError(f"paired_change needs the same windows, two or more: got {len(base)} and {len(other)}")
+    differences = [b - a for a, b in zip(base, other)]
+    ratio = math.exp(statistics.fmean(differences))
+    return 100 * (ratio - 1), 100 * ratio * statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 def quality_record(quality: Quality, engine: str, **extra: Any) -> dict[str, Any]:
@@ -30,7 +49,9 @@ def quality_record(quality: Quality, engine: str, **extra: Any) -> dict[str, Any
             "kld_mean": round(quality.kld_mean, 6), "kld_p99": round(quality.kld_p99, 6),
             "top1_agreement": round(quality.top1_agreement, 5), "engine": engine,
             "eval_tokens": quality.eval_tokens, "eval_windows": quality.eval_windows,
-            "eval_window": quality.eval_window, **extra}
+            "eval_window": quality.eval_window,
+            **({"window_nll": [round(value, 6) for value in quality.window_nll]} if quality.window_nll else {}),
+            **extra}
 
 
 def gate_problem(quality: dict[str, Any] | None, max_kld: float) -> str | None:

@@ -14,12 +14,14 @@ collected four ways:
 
 The quantized weights are then kept dense in float32 and scored on N windows of 512 tokens spread
 over wikitext-2-raw test, every position after the first (full context), with the standard error
-of each mode's perplexity change against `feedback` from the per-window differences. The
-calibration windows are the recipe's (16 x 512, seed 0, held_out 0.03: the same as
-`bench_gptq.py --awq-check`); the scored windows overlap them by about 3%, alike for every mode.
-Nothing is asserted.
+of each mode's perplexity change against `feedback` from the per-window differences
+(`quality.paired_change`). The calibration windows are the recipe's (16 x 512, seed 0, held_out
+0.03: the same as `bench_gptq.py --awq-check`); the scored windows overlap them by about 3%, alike
+for every mode. `--seeds 0 1` runs every mode on each calibration draw and compares each with
+`feedback` on the first: how far another draw moves GPTQModel's own algorithm, the scale against
+which shared's differences are read. Nothing is asserted.
 
-    flock /tmp/quantize-heavy.lock .venv/bin/python scripts/check_hessian_sources.py [--modes shared feedback]
+    flock /tmp/quantize-heavy.lock .venv/bin/python scripts/check_hessian_sources.py [--modes shared feedback] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -51,16 +53,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--damp", type=float, default=0.1)
     parser.add_argument("--windows", type=int, default=100, help="512-token windows scored")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="calibration draws: each mode is run on each; every row is compared with "
+                             "`feedback` on the first draw (another draw: how much the loop's own result moves)")
     return parser.parse_args()
 
 
-def calibration_windows(tokenizer) -> list[list[int]]:
+def calibration_windows(tokenizer, seed: int = 0) -> list[list[int]]:
     from quantize.calibration import load_texts, token_windows
     from quantize.schema import Calibration
 
-    calib = Calibration(samples=16, seq_len=512, seed=0, held_out=0.03)
+    calib = Calibration(samples=16, seq_len=512, seed=seed, held_out=0.03)
     text = load_texts(calib).calibration
-    return token_windows(tokenizer(text, add_special_tokens=False)["input_ids"], 16, 512, 0)
+    return token_windows(tokenizer(text, add_special_tokens=False)["input_ids"], 16, 512, seed)
 
 
 def scored_windows(tokenizer, count: int, width: int = 512) -> list[list[int]]:
@@ -157,35 +162,36 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantize.formats.gptq import GPTQ, GPTQVariant
+    from quantize.quality import paired_change
 
     args = parse_args()
     torch.set_grad_enabled(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration, scored = calibration_windows(tokenizer), scored_windows(tokenizer, args.windows)
-    print(f"calibration {len(calibration)} x {len(calibration[0])} tokens; scored {len(scored)} x 511 tokens")
+    calibration = {seed: calibration_windows(tokenizer, seed) for seed in args.seeds}
+    scored = scored_windows(tokenizer, args.windows)
+    print(f"calibration {len(args.seeds)} draw(s) of 16 x 512 tokens; scored {len(scored)} x 511 tokens")
     rows = []
     for permutation in args.permutations:
         qcfg = GPTQ.quantize_config(GPTQVariant(**parse_gptq(permutation), damp=args.damp))  # a release's settings
         nll = {}
-        for mode in args.modes:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-            started = time.monotonic()
-            quantize_model(model, LayerRunner(model, calibration), mode, qcfg)
-            seconds = time.monotonic() - started
-            nll[mode] = torch.tensor(window_nll(model, scored), dtype=torch.float64)
-            print(f"{permutation} {mode}: perplexity {math.exp(nll[mode].mean()):.3f} ({seconds:.0f} s)", flush=True)
-        base = nll.get("feedback")
-        for mode, values in nll.items():
-            change = stderr = float("nan")
-            if base is not None and mode != "feedback":
-                difference = values - base
-                change = 100 * (math.exp(difference.mean()) - 1)
-                stderr = 100 * difference.std().item() / math.sqrt(len(difference))
-            rows.append((permutation, mode, math.exp(values.mean()), change, stderr))
+        for seed in args.seeds:
+            for mode in args.modes:
+                model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+                started = time.monotonic()
+                quantize_model(model, LayerRunner(model, calibration[seed]), mode, qcfg)
+                seconds = time.monotonic() - started
+                nll[mode, seed] = window_nll(model, scored)
+                print(f"{permutation} {mode} draw {seed}: perplexity {math.exp(sum(nll[mode, seed]) / len(scored)):.3f} "
+                      f"({seconds:.0f} s)", flush=True)
+        base = nll.get(("feedback", args.seeds[0]))
+        for (mode, seed), values in nll.items():
+            versus = None if base is None or values is base else paired_change(base, values)
+            rows.append((permutation, mode if len(args.seeds) == 1 else f"{mode}, draw {seed}",
+                         math.exp(sum(values) / len(values)), versus))
     print("| Permutation | Hessians from | PPL | vs feedback |")
     print("|---|---|---|---|")
-    for permutation, mode, perplexity, change, stderr in rows:
-        versus = "" if math.isnan(change) else f"{change:+.2f}% ± {stderr:.2f}%"
+    for permutation, mode, perplexity, versus in rows:
+        versus = "" if versus is None else f"{versus[0]:+.2f}% ± {versus[1]:.2f}%"
         print(f"| {permutation} | {mode} | {perplexity:.3f} | {versus} |")
 
 

@@ -3,6 +3,8 @@ KL divergence computed as llama-perplexity computes it, its output parsed, and t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from quantize.formats import Produced
 from quantize.manifest import read_manifest
 from quantize.plan import build_plan
 from quantize.publish import local_manifests
-from quantize.quality import gate_problem
+from quantize.quality import gate_problem, paired_change, quality_record
 from quantize.recipe import load_recipe
 from quantize.source import inspect_source
 
@@ -100,6 +102,24 @@ def test_a_model_scored_against_its_own_reference_agrees_and_another_one_gives_t
     assert scored.kld_p99 == pytest.approx(float(np.percentile(true_kl.numpy(), 99)), rel=1e-3)
     agreement = float((log_p.argmax(-1) == log_q.argmax(-1)).float().mean())
     assert scored.top1_agreement == pytest.approx(agreement) and scored.kld_mean > 0.01
+    targets = torch.tensor([w[WINDOW // 2 + 1:] for w in ids])
+    window_nll = -log_q.reshape(4, 7, vocab).gather(2, targets[..., None]).squeeze(2).mean(1)
+    assert scored.window_nll == pytest.approx(window_nll.tolist(), rel=1e-5)
+    assert math.exp(float(window_nll.mean())) == pytest.approx(scored.perplexity, rel=1e-5)
+    change, error = paired_change(itself.window_nll, scored.window_nll)
+    assert change == pytest.approx(100 * (scored.perplexity / itself.perplexity - 1), rel=1e-6) and error > 0
+    assert quality_record(scored, "test")["window_nll"] == pytest.approx(list(scored.window_nll), abs=1e-6)
+
+
+def test_paired_change_is_the_perplexity_ratio_with_the_spread_of_the_window_differences():
+    base, other = [2.0, 3.0, 4.0, 5.0], [2.1, 3.1, 4.3, 5.1]  # differences 0.1, 0.1, 0.3, 0.1
+    change, error = paired_change(base, other)
+    assert change == pytest.approx(100 * (math.exp(0.15) - 1))
+    assert error == pytest.approx(100 * math.exp(0.15) * 0.1 / 2)  # stdev 0.1 over sqrt(4) windows
+    shifted = [value + 1.0 for value in base]  # windows differ a lot, the differences do not
+    assert paired_change(shifted, [value + 0.05 for value in shifted])[1] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_change(base, other[:3])
 
 
 def test_bos_replaces_each_windows_first_token_as_llama_cpp_does(tmp_path):
