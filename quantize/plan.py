@@ -146,11 +146,13 @@ class Plan:
 def build_plan(recipe: Recipe, source: SourceModel) -> Plan:
     """Every variant of the release, in format then recipe order; BadInput for what the model can't take."""
     variants: list[Variant] = []
+    warnings = list(source.warnings)
     for plugin in all_formats():
         if getattr(recipe, plugin.name) is not None:
-            variants += plugin.expand(recipe, source)
+            expanded = plugin.expand(recipe, source)
+            variants += expanded
+            warnings += plugin.plan_warnings(expanded)
     facts = source.facts
-    warnings = list(source.warnings)
     seq_lens = {v.calibration.seq_len for v in variants if v.calibration}
     if facts and facts.context_length and seq_lens and max(seq_lens) > facts.context_length:
         warnings.append(f"calibration seq_len {max(seq_lens)} exceeds the model's context "

@@ -179,6 +179,21 @@ def test_a_changed_imatrix_setting_redoes_only_the_gguf_variants(recording, rele
         "gguf/Q4_K_M": "done", "gguf/Q8_0": "done"}
 
 
+def test_the_plan_warns_of_shared_hessians_where_they_were_measured_far_behind(tmp_path, write_recipe):
+    data = tiny_recipe(_model(tmp_path / "model"),
+                       gptq=[{"bits": 4, "group_size": 64, "hessian": "shared"},
+                             {"bits": 3, "group_size": 64, "hessian": "shared"},
+                             {"bits": 4, "group_size": "none", "hessian": "shared"},
+                             {"bits": 3, "group_size": 32}])  # sequential: no warning
+    recipe = load_recipe(write_recipe(data))
+    warnings = [w for w in build_plan(recipe, inspect_source(recipe)).warnings if "hessian: shared" in w]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("gptq/gptq-3bit-64g-actorder_True, gptq/gptq-4bit--1g-actorder_True: ")
+    data["gptq"] = [data["gptq"][0]]
+    recipe = load_recipe(write_recipe(data))
+    assert not [w for w in build_plan(recipe, inspect_source(recipe)).warnings if "hessian: shared" in w]
+
+
 def test_the_plan_declares_the_shared_work_of_each_variant(tmp_path, write_recipe):
     data = tiny_recipe(_model(tmp_path / "model"),
                        gptq=[{"bits": 4, "hessian": "shared"}, {"bits": 8, "seq_len": 64, "hessian": "shared"}],

@@ -205,6 +205,10 @@ class Format(ABC):
     def expand(self, recipe: "Recipe", source: "SourceModel") -> list[Variant]:
         """The section's variants, in recipe order; BadInput for what the model can't take."""
 
+    def plan_warnings(self, variants: list[Variant]) -> list[str]:
+        """What the plan should say about these variants' settings before any work starts (none by default)."""
+        return []
+
     @abstractmethod
     def backend(self, context: ReleaseContext) -> Backend: ...
 

@@ -17,6 +17,7 @@ from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import GPTQ_BITS, exllama_compatible, gptq_branch_name, gptq_default_description
 from ..schema import group_size_on_disk
 from ._weights import WeightFormatPlugin, WeightVariantSpec, yes_no
+from .base import Variant
 
 # Keys older GPTQ loaders (AutoGPTQ, text-generation-webui) read from quantize_config.json.
 GPTQ_LEGACY_KEYS = {"model_name_or_path": None, "model_file_base_name": "model"}
@@ -31,8 +32,9 @@ class GPTQVariant(WeightVariantSpec):
     sym: bool = True
     # sequential: GPTQModel's own loop, inputs from the already-quantized earlier layers;
     # shared: every permutation solves from one calibration pass over the fp16 model (its Hessians):
-    # about a quarter of the quantization time of a 4-permutation sweep, in no more memory, but up
-    # to 1.8% worse perplexity on 4-bit and 2.9% on 3-bit on the fair SmolLM2 (README), so opt-in
+    # about a quarter of the quantization time of a 4-permutation sweep, in no more memory, within
+    # about 1-2% on 4-bit grouped and 8-bit but 16-49% worse perplexity on 3-bit and ungrouped 4-bit
+    # on the fair SmolLM2 (README; the plan warns), so opt-in
     hessian: Literal["shared", "sequential"] = "sequential"
 
     @field_validator("bits")
@@ -105,6 +107,13 @@ class GPTQFormat(WeightFormatPlugin):
         hessians = hessian_bytes(source.facts.config if source.facts else None)
         return memory.solve_from_hessians(variant_id, source.facts, device.compute_dtype, hessians, offload, packed_bytes,
                                           solve_threads(device.name, MAX_SOLVE_THREADS))  # the most, on any machine
+
+    def plan_warnings(self, variants: list[Variant]) -> list[str]:
+        coarse = [v.id for v in variants if v.spec.hessian == "shared" and (v.spec.bits <= 3 or v.spec.group_size is None)]
+        if not coarse:
+            return []
+        return [f"{', '.join(coarse)}: hessian: shared at 3-bit or without groups measured 16-49% worse perplexity "
+                "than hessian: sequential on a model with outlier channels (README, the seven-permutation sweep)"]
 
     def describe_more(self, spec: GPTQVariant) -> str:
         return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"
