@@ -118,7 +118,9 @@ class Plan:
                   if (not formats or v.format in formats) and (wanted is None or v.id in wanted)]
         if not chosen:
             raise BadInput("the selection matches no variant of the recipe")
-        return Plan(self.recipe, self.source, chosen, list(self.warnings))
+        about_others = set(variant_warnings(self.variants))
+        kept = [warning for warning in self.warnings if warning not in about_others]
+        return Plan(self.recipe, self.source, chosen, kept + variant_warnings(chosen))
 
     def to_dict(self) -> dict[str, Any]:
         facts = self.source.facts
@@ -143,16 +145,20 @@ class Plan:
         }
 
 
+def variant_warnings(variants: list[Variant]) -> list[str]:
+    """What each format plugin says about its variants' settings (`Format.plan_warnings`)."""
+    return [warning for plugin in all_formats()
+            for warning in plugin.plan_warnings([v for v in variants if v.format == plugin.name])]
+
+
 def build_plan(recipe: Recipe, source: SourceModel) -> Plan:
     """Every variant of the release, in format then recipe order; BadInput for what the model can't take."""
     variants: list[Variant] = []
-    warnings = list(source.warnings)
     for plugin in all_formats():
         if getattr(recipe, plugin.name) is not None:
-            expanded = plugin.expand(recipe, source)
-            variants += expanded
-            warnings += plugin.plan_warnings(expanded)
+            variants += plugin.expand(recipe, source)
     facts = source.facts
+    warnings = list(source.warnings) + variant_warnings(variants)
     seq_lens = {v.calibration.seq_len for v in variants if v.calibration}
     if facts and facts.context_length and seq_lens and max(seq_lens) > facts.context_length:
         warnings.append(f"calibration seq_len {max(seq_lens)} exceeds the model's context "

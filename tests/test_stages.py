@@ -189,6 +189,10 @@ def test_the_plan_warns_of_shared_hessians_where_they_were_measured_far_behind(t
     warnings = [w for w in build_plan(recipe, inspect_source(recipe)).warnings if "hessian: shared" in w]
     assert len(warnings) == 1
     assert warnings[0].startswith("gptq/gptq-3bit-64g-actorder_True, gptq/gptq-4bit--1g-actorder_True: ")
+    plan = build_plan(recipe, inspect_source(recipe))
+    assert not [w for w in plan.select(names=["gptq/main"]).warnings if "hessian: shared" in w]
+    only_3bit = [w for w in plan.select(names=["gptq/gptq-3bit-64g-actorder_True"]).warnings if "hessian: shared" in w]
+    assert len(only_3bit) == 1 and only_3bit[0].startswith("gptq/gptq-3bit-64g-actorder_True: ")
     data["gptq"] = [data["gptq"][0]]
     recipe = load_recipe(write_recipe(data))
     assert not [w for w in build_plan(recipe, inspect_source(recipe)).warnings if "hessian: shared" in w]
