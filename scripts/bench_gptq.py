@@ -11,7 +11,10 @@ verification and evaluation that both modes pay alike left out — the whole run
 above it; P: the largest relative perplexity difference of a permutation between the two modes;
 negative when shared is better everywhere). Above it, each permutation's change with its standard
 error from the two modes' per-window NLLs (`quality.paired_change`), and all permutations' pooled
-window by window. --quick: 4 permutations (4-bit g32 and g64, act-order on and
+window by window. `--modes batched` (or `--modes shared batched`) compares `hessian: batched`
+(GPTQModel's algorithm, one batched forward per layer) the same way, ending with
+`sweep: batched/sequential wall ratio R, worst perplexity change P%`; `--reuse MODE=SWEEP_JSON` takes
+a mode's rows from an earlier run of the same code instead of running it again. --quick: 4 permutations (4-bit g32 and g64, act-order on and
 off, damp 0.1) with the demo's calibration (16 x 512); otherwise the reference card's 7 (group
 size 128 replaced by 64, which divides SmolLM2's width).
 
@@ -158,7 +161,7 @@ def run_naive(recipe_path: Path, out: Path, variant_ids: list[str]) -> list[dict
 def sweep(args, out: Path) -> dict:
     modes = {}
     reused = dict(item.split("=", 1) for item in args.reuse)
-    for mode in ("shared", "sequential"):
+    for mode in (*args.modes, "sequential"):
         if mode in reused:  # an earlier run of the same code for this mode
             modes[mode] = {key: json.loads(Path(reused[mode]).read_text())[mode][key]
                            for key in ("rows", "seconds", "peak_rss_mb")}
@@ -168,31 +171,43 @@ def sweep(args, out: Path) -> dict:
         rows, seconds, rss = run_child(recipe_path, out / mode / "out")
         modes[mode] = {"rows": rows, "seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
         print(f"{mode}: {seconds:.1f} s, peak RSS {rss:.0f} MB", flush=True)
-    shared, sequential = modes["shared"], modes["sequential"]
-    print("| Permutation | PPL shared | PPL sequential | change % | ± s.e. % | shared s | sequential s |")
+    report = dict(modes)
+    for mode in args.modes:
+        ratio, worst = compare(args, mode, modes[mode], modes["sequential"])
+        report[f"{mode}_ratio"], report[f"{mode}_worst_change_percent"] = round(ratio, 3), round(worst, 3)
+    if "shared" in args.modes:
+        report["ratio"], report["worst_change_percent"] = report["shared_ratio"], report["shared_worst_change_percent"]
+    return report
+
+
+def compare(args, mode: str, ours: dict, sequential: dict) -> tuple[float, float]:
+    """`mode` against GPTQModel's loop, permutation by permutation; ends with the sweep line. (R, P)."""
+    print(f"| Permutation | PPL {mode} | PPL sequential | change % | ± s.e. % | {mode} s | sequential s |")
     print("|---|---|---|---|---|---|---|")
     changes = []
-    for ours, theirs in zip(shared["rows"], sequential["rows"]):
-        change, error = perplexity_change(theirs, ours)
+    for row, theirs in zip(ours["rows"], sequential["rows"]):
+        change, error = perplexity_change(theirs, row)
         changes.append(change)
-        print(f"| {ours['variant']} | {ours['perplexity']:.3f} | {theirs['perplexity']:.3f} | {change:+.2f} | "
-              f"{'–' if error is None else f'{error:.2f}'} | {ours['seconds']} | {theirs['seconds']} |")
-    if all(row.get("window_nll") for row in shared["rows"] + sequential["rows"]):
-        mean, error = paired_change(*(mean_per_window([row["window_nll"] for row in modes[mode]["rows"]])
-                                      for mode in ("sequential", "shared")))
-        print(f"over the {len(changes)} permutations shared changes perplexity by {mean:+.2f}% ± {error:.2f}% "
-              f"(one standard error, {len(shared['rows'][0]['window_nll'])} windows, paired)")
-    hessians = shared["rows"][0]["timings"].get(f"gptq_hessians_{args.seq_len}_shared")
-    print(f"fp16 perplexity {shared['rows'][0]['baseline_perplexity']:.3f}; Hessian capture {hessians} s; "
-          f"peak RSS shared {shared['peak_rss_mb']} MB, sequential {sequential['peak_rss_mb']} MB")
-    work = {mode: quantization_seconds(modes[mode]["rows"], args.seq_len) for mode in modes}
-    print(f"quantization (Hessians, load, solve or GPTQModel's loop, packing, saving): shared {work['shared']:.1f} s, "
-          f"sequential {work['sequential']:.1f} s; whole runs with verification and evaluation: shared "
-          f"{shared['seconds']:.1f} s, sequential {sequential['seconds']:.1f} s "
-          f"({shared['seconds'] / sequential['seconds']:.2f})")
-    ratio = work["shared"] / work["sequential"]
-    print(f"sweep: shared/sequential wall ratio {ratio:.2f}, worst perplexity change {max(changes):.2f}%")
-    return {**modes, "ratio": round(ratio, 3), "worst_change_percent": round(max(changes), 3)}
+        print(f"| {row['variant']} | {row['perplexity']:.3f} | {theirs['perplexity']:.3f} | {change:+.2f} | "
+              f"{'–' if error is None else f'{error:.2f}'} | {row['seconds']} | {theirs['seconds']} |")
+    if all(row.get("window_nll") for row in ours["rows"] + sequential["rows"]):
+        mean, error = paired_change(*(mean_per_window([row["window_nll"] for row in side["rows"]])
+                                      for side in (sequential, ours)))
+        print(f"over the {len(changes)} permutations {mode} changes perplexity by {mean:+.2f}% ± {error:.2f}% "
+              f"(one standard error, {len(ours['rows'][0]['window_nll'])} windows, paired)")
+    hessians = ours["rows"][0]["timings"].get(f"gptq_hessians_{args.seq_len}_shared")
+    print(f"fp16 perplexity {ours['rows'][0]['baseline_perplexity']:.3f}; "
+          f"{f'Hessian capture {hessians} s; ' if hessians is not None else ''}"
+          f"peak RSS {mode} {ours['peak_rss_mb']} MB, sequential {sequential['peak_rss_mb']} MB")
+    work = {side: quantization_seconds(rows["rows"], args.seq_len) for side, rows in ((mode, ours),
+                                                                                     ("sequential", sequential))}
+    print(f"quantization (Hessians, load, solve or GPTQModel's loop, packing, saving): {mode} {work[mode]:.1f} s, "
+          f"sequential {work['sequential']:.1f} s; whole runs with verification and evaluation: {mode} "
+          f"{ours['seconds']:.1f} s, sequential {sequential['seconds']:.1f} s "
+          f"({ours['seconds'] / sequential['seconds']:.2f})")
+    ratio = work[mode] / work["sequential"]
+    print(f"sweep: {mode}/sequential wall ratio {ratio:.2f}, worst perplexity change {max(changes):.2f}%")
+    return ratio, max(changes)
 
 
 def awq_check(args, out: Path) -> dict:
@@ -312,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "build" / "bench-gptq"))
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="shared Hessians vs sequential, same permutations")
+    parser.add_argument("--modes", nargs="+", default=["shared"], choices=["shared", "batched"],
+                        help="with --sweep: the hessian modes compared with sequential (GPTQModel's loop)")
     parser.add_argument("--quick", action="store_true", help="with --sweep: 4 permutations, 16 x 512 calibration")
     parser.add_argument("--reuse", action="append", default=[], metavar="MODE=SWEEP_JSON",
                         help="with --sweep: take MODE's (shared or sequential) results from an earlier run's "
@@ -322,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for item in args.reuse:
         mode, _, path = item.partition("=")
-        if mode not in ("shared", "sequential") or not Path(path).is_file():
-            parser.error(f"--reuse {item}: give shared=FILE or sequential=FILE, FILE an earlier sweep.json")
+        if mode not in ("shared", "batched", "sequential") or not Path(path).is_file():
+            parser.error(f"--reuse {item}: give MODE=FILE (shared, batched or sequential), FILE an earlier sweep.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shared_wikitext = REPO.parent / "shared" / "data" / "wikitext-2"

@@ -433,8 +433,9 @@ def test_unsupported_architecture_is_refused_before_work(tiny_model, write_recip
 def release(tiny_model, tmp_path_factory):
     """Two GPTQ permutations and one AWQ, produced once for the tests below."""
     folder = tmp_path_factory.mktemp("gptq-awq-release")
-    shared = {"hessian": "shared"}  # GPTQModel's own loop (the default) is covered by the comparison below
-    data = tiny_recipe(tiny_model, gptq=[{**GPTQ_4BIT, **shared}, {**GPTQ_8BIT, **shared}], awq=[AWQ_4BIT])
+    # GPTQModel's own loop (the default) is covered by the comparison below
+    data = tiny_recipe(tiny_model, gptq=[{**GPTQ_4BIT, "hessian": "shared"}, {**GPTQ_8BIT, "hessian": "batched"}],
+                       awq=[AWQ_4BIT])
     return _run_release(data, folder)
 
 
@@ -781,11 +782,15 @@ def test_shared_hessians_stream_one_decoder_layer_at_a_time(tiny_model, tmp_path
     assert [row["module"] for row in one.quant_log] == [row["module"] for row in two.quant_log]
 
 
-def assert_same_packed_layers(a, b):
-    from quantize.engines.gptqmodel import hessians as shared
+def packed_layers(gptq_model) -> dict:
+    return {name: module for name, module in gptq_model.model.named_modules() if hasattr(module, "qweight")}
 
-    for name in shared.decoder_linears(a):
-        x, y = a.model.get_submodule(name), b.model.get_submodule(name)
+
+def assert_same_packed_layers(a, b):
+    ours, theirs = packed_layers(a), packed_layers(b)
+    assert len(ours) == 14 and ours.keys() == theirs.keys()  # the tiny model's 2 layers of 7 linears
+    for name, x in ours.items():
+        y = theirs[name]
         assert all(torch.equal(getattr(x, t), getattr(y, t)) for t in ("qweight", "qzeros", "scales", "g_idx")), name
 
 
@@ -794,9 +799,110 @@ def test_permutations_share_one_calibration_pass(release):
     plan, out, _ = release
     records = sorted((out / ".work").glob("gptq_hessians_*/artifact.json"))
     assert [p.parent.name for p in records] == ["gptq_hessians_128"]
-    gptq = [read_manifest(out, v.id) for v in plan.of_format("gptq")]
-    assert len({m.timings["gptq_hessians_128_shared"] for m in gptq}) == 1
-    assert all(m.requested["hessian"] == "shared" for m in gptq)
+    shared, batched = (read_manifest(out, v.id) for v in plan.of_format("gptq"))
+    assert shared.requested["hessian"] == "shared" and "gptq_hessians_128_shared" in shared.timings
+    assert batched.requested["hessian"] == "batched" and "gptq_hessians_128_shared" not in batched.timings
+
+
+LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def loop_written_out(model, windows: list[list[int]], qcfg, feedback: bool = True) -> dict:
+    """GPTQ as GPTQModel's loop runs it, written out plainly on the model held whole: per decoder layer and
+    group of linears reading one input, every window run through the layer to collect that input (from
+    the earlier groups' quantized weights), the group solved; then the layer's outputs from all its
+    quantized weights feed the next layer. Without `feedback`, every input comes from the fp16 model.
+    The quantized weights, by linear."""
+    from quantize.engines.gptqmodel import hessians as shared
+
+    inputs = shared.first_layer_inputs(model, windows, "cpu")
+    hidden, (_, extra, kwargs) = [state for state, _, _ in inputs], inputs[0]
+    solved = {}
+
+    def run(layer, states):
+        with torch.inference_mode():
+            return [(lambda out: out[0] if isinstance(out, (tuple, list)) else out)(layer(x, *extra, **kwargs))
+                    for x in states]
+
+    for layer_name, layer in shared.decoder_layers(model):
+        fp16_outputs = None if feedback else run(layer, hidden)
+        originals = {name: module.weight.data.clone() for name, module in layer.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name}
+        for group in LLAMA_GROUPS:
+            seen = []
+            handle = layer.get_submodule(group[0]).register_forward_pre_hook(
+                lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+            if not feedback:
+                quantized = {name: layer.get_submodule(name).weight.data for name in originals}
+                for name, weight in originals.items():
+                    layer.get_submodule(name).weight.data = weight
+            run(layer, hidden)
+            handle.remove()
+            if not feedback:
+                for name, weight in quantized.items():
+                    layer.get_submodule(name).weight.data = weight
+            x = torch.cat(seen).to(torch.float32)
+            members = [layer.get_submodule(name) for name in group]
+            parts = shared.solve_group(members, (2.0 / len(x)) * (x.t() @ x), len(x), qcfg)["parts"]
+            for name, member, (weights, *_rest) in zip(group, members, parts):
+                member.weight.data = weights.to(member.weight.dtype)
+                solved[f"{layer_name}.{name}"] = weights
+        hidden = run(layer, hidden) if feedback else fp16_outputs
+    return solved
+
+
+@pytest.mark.slow
+def test_batched_hessians_are_the_loops_algorithm_in_one_forward_per_layer(tiny_model, tmp_path, monkeypatch):
+    """hessian: batched gives the weights of GPTQModel's algorithm written out plainly (each group's inputs
+    from the quantized earlier layers and groups), not those of fp16 inputs, from one batched forward of
+    each decoder layer (and one forward of one window through the first, to see which linears share an
+    input), reading the model one layer at a time."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from quantize.engines.gptqmodel import hessians as shared
+    from quantize.engines.gptqmodel.setup import embeddings_in_stored_dtype, load_streaming, load_unquantized
+
+    torch.manual_seed(0)
+    windows = [torch.randint(0, 49152, (64,)).tolist() for _ in range(3)]
+    settings = {"bits": 4, "group_size": 64, "desc_act": True, "damp_percent": 0.1, "sym": True}
+    lazy = load_streaming(tiny_model, "float32", settings, tmp_path / "offload")
+    forwards, solved = [], {}
+    forward, solve_group = LlamaDecoderLayer.forward, shared.solve_group
+
+    def counting_forward(self, hidden_states, *args, **kwargs):
+        resident = sum(any(not p.is_meta and p.is_floating_point() and p.numel() > 256 for p in layer.parameters())
+                       for _, layer in shared.decoder_layers(lazy))
+        forwards.append((self.self_attn.layer_idx, hidden_states.shape[0], resident))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    def recording_solve(members, *args):
+        result = solve_group(members, *args)
+        names = {module: name for name, module in lazy.model.named_modules()}
+        solved.update({names[member]: weights for member, (weights, *_rest) in zip(members, result["parts"])})
+        return result
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting_forward)
+    monkeypatch.setattr(shared, "solve_group", recording_solve)
+    cores = torch.get_num_threads()
+    torch.set_num_threads(1)  # both ways on one thread: a matrix product's rounding depends on the thread count
+    try:
+        with embeddings_in_stored_dtype(lazy, tiny_model):
+            log = shared.quantize_batched(lazy, windows, "auto")
+        monkeypatch.undo()
+        qcfg = lazy.quantize_config
+        expected = loop_written_out(load_unquantized(tiny_model, "float32"), windows, qcfg)
+        without_feedback = loop_written_out(load_unquantized(tiny_model, "float32"), windows, qcfg, feedback=False)
+    finally:
+        torch.set_num_threads(cores)
+    assert [(layer, batch) for layer, batch, _ in forwards] == [(0, 1), (0, 3), (1, 3)]
+    assert max(resident for *_, resident in forwards) == 1  # the running layer's float weights, no other
+    assert len(packed_layers(lazy)) == 14 and len(log) == 14 and lazy.quantized
+    assert solved.keys() == expected.keys()
+    assert all(torch.equal(solved[name], expected[name]) for name in expected)
+    changed = [name for name in expected if not torch.equal(without_feedback[name], expected[name])]
+    assert "model.layers.0.self_attn.q_proj" not in changed and "model.layers.1.self_attn.q_proj" in changed
+    assert "model.layers.0.self_attn.o_proj" in changed  # the feedback within a layer, from q/k/v
 
 
 @pytest.mark.slow

@@ -123,6 +123,21 @@ def test_shared_hessians_plan_one_layer_resident(tiny_model, write_recipe, capsy
     assert code == 0 and json.loads(out)["memory"]["offload"] == "disk"
 
 
+def test_batched_hessians_plan_every_windows_activations_at_once(tiny_model, write_recipe):
+    """hessian: batched runs every calibration window through a layer in one forward: the plan counts all
+    their MLP intermediates, where GPTQModel's loop (one window per forward) counts one window's."""
+    gptq = [{"bits": 4, "group_size": 128, "hessian": "batched"},
+            {"bits": 4, "group_size": 128, "act_order": False, "hessian": "sequential"}]
+    plan = api.plan(write_recipe(tiny_recipe(tiny_model, gptq=gptq, compute={"device": "cpu"})))
+    stages, shapes = stages_of(plan), memory.shapes(plan.source.facts)
+    batched = dict(stages["gptq/main: quantize"].parts)
+    sequential = dict(stages["gptq/gptq-4bit-128g-actorder_False: quantize"].parts)
+    assert batched["calibration activations"] == memory.activations(shapes, 8, 128, 4, forward_samples=8)
+    assert sequential["calibration activations"] == memory.activations(shapes, 8, 128, 4)
+    assert batched["calibration activations"] > sequential["calibration activations"]
+    assert not [a for a in plan.artifacts if a.startswith("gptq_hessians")]  # no shared pass
+
+
 def test_concurrent_solves_count_each_groups_work():
     s = memory.Shapes(params=6_738_415_616, linear_params=6_476_005_376, layers=32, hidden=4096,
                       intermediate=11008, vocab=32000, widest_input=11008)  # Llama-2-7B

@@ -1,4 +1,5 @@
-"""GPTQ from shared Hessians: one calibration pass for every permutation of a release.
+"""GPTQ outside GPTQModel's loop: from shared Hessians (one calibration pass for every permutation of a
+release), or with the loop's own Hessians from one batched forward per decoder layer (`hessian: batched`).
 
 GPTQ needs, per linear layer, the Hessian H = 2/N · Σ xᵀx of that layer's inputs over the
 calibration tokens. Bits, group size, act order and damp only change the solve, not H, so every
@@ -13,8 +14,12 @@ layer in the compute dtype: the capture runs every calibration window through on
 file of their own; a permutation's solve reads one layer and its Hessians at a time, and its
 packed layers stay in memory or, with `offload: disk`, go to disk as in GPTQModel's loop.
 
+`batched` mode (quantize_batched) is the loop's algorithm — each group's inputs from the quantized
+earlier layers and groups — with every calibration window run through a layer in one forward, each
+group solved in a pre-hook when its input arrives: one forward per layer where the loop runs five.
+
 The solve, the packing and the saving are GPTQModel's own (`GPTQ.quantize`, `create_quant_module`,
-`pack_module`, `save`): the folder is the same classic GPTQ checkpoint either way.
+`pack_module`, `save`): the folder is the same classic GPTQ checkpoint every way.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import WorkFailed
 from ...stages import Artifact, ArtifactStore
 
 INDEX_FILE = "hessians.json"  # the aliases, the token count and the layers, in order
@@ -244,18 +250,9 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
     `solve_threads`), the cores shared out between them; on a GPU one at a time.
     """
     import torch
-    from gptqmodel.quantization.config import METHOD, resolve_quant_format
-    from gptqmodel.utils.backend import normalize_backend
-    from gptqmodel.utils.importer import select_quant_linear
 
+    packer = Packer.for_model(gptq_model, backend, offload_folder)
     qcfg = gptq_model.quantize_config
-    quant_format = resolve_quant_format(qcfg.format, qcfg.method)
-    kernel = select_quant_linear(
-        bits=qcfg.runtime_bits, group_size=qcfg.group_size, desc_act=qcfg.desc_act, sym=qcfg.sym, pack=True,
-        dynamic=qcfg.dynamic, device=qcfg.device, pack_dtype=qcfg.pack_dtype, multi_select=False,
-        backend=normalize_backend(backend, quant_method=qcfg.method), format=quant_format, quant_method=qcfg.method)
-    gptq_model.qlinear_kernel = kernel
-    packer = Packer(gptq_model, kernel, quant_format, offload_folder)
     cores = torch.get_num_threads()
     solvers = solvers or solve_threads(device, cores)
     torch.set_num_threads(max(1, cores // solvers))
@@ -274,10 +271,109 @@ def quantize_with_hessians(gptq_model, hessians: Hessians, backend: str = "auto"
                 del matrices, solves
     finally:
         torch.set_num_threads(cores)
-    gptq_model.quantized = True
-    qcfg.method = METHOD.GPTQ
-    gptq_model.quant_log = packer.log
-    return packer.log
+    return packer.finish()
+
+
+def quantize_batched(gptq_model, windows: list[list[int]], backend: str = "auto", device: str = "cpu",
+                     offload_folder: Path | None = None) -> list[dict[str, Any]]:
+    """GPTQModel's algorithm (`hessian: sequential`) with one forward per decoder layer: every calibration
+    window goes through the layer at once, in one batch, and each group of linears that reads one input
+    (q/k/v, o, gate/up, down) is solved in a pre-hook when that input arrives, its quantized weights
+    then computing the rest of the layer. So each group's Hessian comes from the already-quantized
+    earlier layers and earlier groups of its own layer, as in GPTQModel's loop, which runs each layer
+    once per group and once more for its outputs: about five forward passes of the model to this one.
+    The price is memory: one layer's activations for all windows at once (the plan counts them).
+
+    The solve, the packing and the saving are GPTQModel's own, as in `quantize_with_hessians`."""
+    import torch
+
+    packer = Packer.for_model(gptq_model, backend, offload_folder)
+    inputs = first_layer_inputs(gptq_model, windows, device)
+    arguments = deduplicated([(extra, kwargs) for _, extra, kwargs in inputs])
+    if any(argument is not arguments[0] for argument in arguments):
+        raise ValueError("hessian: batched needs calibration windows of one length")
+    extra, kwargs = arguments[0]
+    hidden = torch.cat([state for state, _, _ in inputs])
+    del inputs, arguments
+    relative_groups = None
+    for layer_name, layer in decoder_layers(gptq_model):
+        layer = materialize(gptq_model, layer, device)
+        if relative_groups is None:  # every decoder layer has the first one's structure
+            relative_groups = shared_inputs(layer, hidden[:1], extra, kwargs)
+        groups = [[f"{layer_name}.{name}" for name in group] for group in relative_groups]
+        linears = layer_linears(layer_name, layer)
+        hidden, results = run_solving(layer, hidden, extra, kwargs, groups, linears, gptq_model.quantize_config)
+        unseen = [group[0] for group in groups if group[0] not in results]
+        if unseen:  # a layer the calibration never reaches (an expert no token was routed to)
+            raise WorkFailed(f"hessian: batched: {', '.join(unseen)} got no calibration input; "
+                             "use hessian: sequential")
+        for group in groups:
+            packer.pack({name: linears[name] for name in group}, results[group[0]])
+        del results
+    return packer.finish()
+
+
+def run_solving(layer, hidden, extra: tuple, kwargs: dict[str, Any], groups: list[list[str]], linears: dict[str, Any],
+                qcfg) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """One forward of the decoder layer over the batch `hidden`, each group of linears solved and given its
+    quantized weights when its input arrives: the layer's output, and each group's solve by its leader.
+
+    The groups are solved one at a time on all cores: they depend on each other, and splitting a solve's
+    rows over two threads measured slower on a CPU (two column loops contending for Python's lock)."""
+    import torch
+
+    tokens = hidden.shape[0] * hidden.shape[1]
+    results: dict[str, dict[str, Any]] = {}
+
+    def solve_on_arrival(members: list[str]):
+        def solve(module, args):
+            with torch.inference_mode(False):  # as quantize_with_hessians solves: outside inference mode
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+                hessian = (2.0 / tokens) * (x.t() @ x)
+                del x
+                result = solve_group([linears[name] for name in members], hessian, tokens, qcfg)
+                for name, (weights, *_rest) in zip(members, result["parts"]):  # for the rest of the forward
+                    linears[name].weight = torch.nn.Parameter(weights.to(linears[name].weight.dtype),
+                                                              requires_grad=False)
+            results[members[0]] = result
+        return solve
+
+    handles = [linears[group[0]].register_forward_pre_hook(solve_on_arrival(group)) for group in groups]
+    try:
+        with torch.inference_mode():
+            output = layer(hidden, *extra, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (output[0] if isinstance(output, (tuple, list)) else output), results
+
+
+def shared_inputs(layer, sample, extra: tuple, kwargs: dict[str, Any]) -> list[list[str]]:
+    """The layer's linears (names relative to the layer) grouped by the input tensor they read, in the
+    order the layer calls them: a forward of one window watches which call reuses a tensor."""
+    import torch
+
+    names = {module: name for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear) and name}
+    groups: list[list[str]] = []
+    seen: list[tuple[Any, list[str]]] = []
+
+    def watch(module, args):
+        x = args[0]
+        group = next((members for tensor, members in seen if tensor is x), None)
+        if group is None:
+            group = []
+            seen.append((x, group))
+            groups.append(group)
+        group.append(names[module])
+
+    handles = [module.register_forward_pre_hook(watch) for module in names]
+    try:
+        with torch.inference_mode():
+            layer(sample, *extra, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
 
 
 def solve_threads(device: str, cores: int) -> int:
@@ -297,6 +393,32 @@ class Packer:
         self.offload_folder = offload_folder
         self.lock = threading.Lock()
         self.log: list[dict[str, Any]] = []
+
+    @classmethod
+    def for_model(cls, gptq_model, backend: str, offload_folder: Path | None) -> "Packer":
+        """A packer into the quantized Linear GPTQModel selects for the model's config and `backend`."""
+        from gptqmodel.quantization.config import resolve_quant_format
+        from gptqmodel.utils.backend import normalize_backend
+        from gptqmodel.utils.importer import select_quant_linear
+
+        qcfg = gptq_model.quantize_config
+        quant_format = resolve_quant_format(qcfg.format, qcfg.method)
+        kernel = select_quant_linear(
+            bits=qcfg.runtime_bits, group_size=qcfg.group_size, desc_act=qcfg.desc_act, sym=qcfg.sym, pack=True,
+            dynamic=qcfg.dynamic, device=qcfg.device, pack_dtype=qcfg.pack_dtype, multi_select=False,
+            backend=normalize_backend(backend, quant_method=qcfg.method), format=quant_format,
+            quant_method=qcfg.method)
+        gptq_model.qlinear_kernel = kernel
+        return cls(gptq_model, kernel, quant_format, offload_folder)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Marks the model quantized, as GPTQModel's own `quantize` does; the log of every solve."""
+        from gptqmodel.quantization.config import METHOD
+
+        self.gptq_model.quantized = True
+        self.gptq_model.quantize_config.method = METHOD.GPTQ
+        self.gptq_model.quant_log = self.log
+        return self.log
 
     def pack(self, linears: dict[str, Any], results: dict[str, Any]) -> None:
         import torch

@@ -24,9 +24,9 @@ from ...manifest import package_versions
 from ...memory import give_back
 from ...stages import Stopwatch
 from .folder import assemble_release, release_files, rewrite_configs, save_model
-from .hessians import GPTQHessians, load_hessians, quantize_with_hessians
-from .setup import (OFFLOAD_SUBDIR, eager_torch, import_gptqmodel, load_streaming, quantize_config, quantize_in_loop,
-                    release_model, samples_per_forward, supported_model_types)
+from .hessians import GPTQHessians, load_hessians, quantize_batched, quantize_with_hessians
+from .setup import (OFFLOAD_SUBDIR, eager_torch, embeddings_in_stored_dtype, import_gptqmodel, load_streaming,
+                    quantize_config, quantize_in_loop, release_model, samples_per_forward, supported_model_types)
 from .verify import check_release_folder, generate_check, load_quantized, weight_reader
 
 RELEASE_DTYPES = ("float16", "bfloat16")  # unquantized tensors keep the source's dtype (else float16)
@@ -174,6 +174,10 @@ class GPTQModelBackend(Backend):
                 with clock.stage("quantize"):
                     quantize_with_hessians(model, load_hessians(hessian_folder), fmt.backend_for(device), device.name,
                                            offload_folder if on_disk else None)
+            elif getattr(spec, "hessian", None) == "batched":  # the loop's algorithm, one forward per layer
+                with clock.stage("quantize"), embeddings_in_stored_dtype(model, self.context.model_path):
+                    quantize_batched(model, store.value(windows), fmt.backend_for(device), device.name,
+                                     offload_folder if on_disk else None)
             else:
                 with clock.stage("quantize"), fmt.quantizing(spec):
                     quantize_in_loop(model, batch, fmt.backend_for(device), self.context.model_path,
