@@ -57,6 +57,7 @@ DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off th
 # SmolLM2-135M has hidden size 576: group sizes 64 and 32 divide it, 128 does not.
 DEFAULT_GPTQ = ["4:64:act", "4:32:noact", "8:none:act"]
 QUICK_SWEEP = ["4:32:act", "4:32:noact", "4:64:act", "4:64:noact"]
+COMPARED_MODES = ("shared", "batched")  # hessian modes --sweep compares with sequential
 REFERENCE_SWEEP = ["4:none:act", "4:64:act", "4:32:act", "3:64:act", "8:none:act", "3:32:act", "8:64:act"]
 
 
@@ -327,11 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "build" / "bench-gptq"))
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="shared Hessians vs sequential, same permutations")
-    parser.add_argument("--modes", nargs="+", default=["shared"], choices=["shared", "batched"],
+    parser.add_argument("--modes", nargs="+", default=["shared"], choices=COMPARED_MODES,
                         help="with --sweep: the hessian modes compared with sequential (GPTQModel's loop)")
     parser.add_argument("--quick", action="store_true", help="with --sweep: 4 permutations, 16 x 512 calibration")
     parser.add_argument("--reuse", action="append", default=[], metavar="MODE=SWEEP_JSON",
-                        help="with --sweep: take MODE's (shared or sequential) results from an earlier run's "
+                        help="with --sweep: take MODE's (shared, batched or sequential) results from an earlier run's "
                              "sweep.json instead of running it, where only the other mode's code changed")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one variant, for the naive runs
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for item in args.reuse:
         mode, _, path = item.partition("=")
-        if mode not in ("shared", "batched", "sequential") or not Path(path).is_file():
+        if mode not in (*COMPARED_MODES, "sequential") or not Path(path).is_file():
             parser.error(f"--reuse {item}: give MODE=FILE (shared, batched or sequential), FILE an earlier sweep.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -158,6 +158,11 @@ def first_layer_inputs(gptq_model, windows: list[list[int]], device: str) -> lis
     return captured
 
 
+def hidden_states(output) -> Any:
+    """A decoder layer's output hidden states: some layers return them alone, others first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def deduplicated(values: list[Any]) -> list[Any]:
     """The values with one object for values that are equal (tensors, tuples, lists and dicts compared by
     content): windows of one length get the same positions and mask, so one copy of a [seq, seq] mask is
@@ -225,7 +230,7 @@ def capture_hessians(gptq_model, windows: list[list[int]], folder: Path, device:
             with torch.inference_mode():
                 for index, (extra, kwargs) in enumerate(arguments):
                     output = layer(hidden[index], *extra, **kwargs)
-                    hidden[index] = output[0] if isinstance(output, (tuple, list)) else output
+                    hidden[index] = hidden_states(output)
                     seen.clear()
         finally:
             for handle in handles:
@@ -345,7 +350,7 @@ def run_solving(layer, hidden, extra: tuple, kwargs: dict[str, Any], groups: lis
     finally:
         for handle in handles:
             handle.remove()
-    return (output[0] if isinstance(output, (tuple, list)) else output), results
+    return hidden_states(output), results
 
 
 def shared_inputs(layer, sample, extra: tuple, kwargs: dict[str, Any]) -> list[list[str]]:
