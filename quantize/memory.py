@@ -56,6 +56,7 @@ class StageMemory:
     bytes: int
     parts: tuple[tuple[str, int], ...] = ()
     mapped: bool = False  # a memory-mapped model file (llama.cpp): runs in less, never refused
+    remedy: str = ""  # what makes this stage fit, where offloading layers to disk does not
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "bytes": self.bytes, "parts": dict(self.parts), "mapped": self.mapped}
@@ -361,8 +362,8 @@ def check_resources(plan: "Plan", out_dir: Path, pending: Iterable[str] | None =
         top = max(held, key=lambda m: m.bytes)
         have = available_memory()
         if top.bytes > have:
-            hint = ("free memory" if plan.recipe.compute.offload == "disk"
-                    else "set compute.offload: disk (or --offload disk) or free memory")
+            hint = top.remedy or ("free memory" if plan.recipe.compute.offload == "disk"
+                                  else "set compute.offload: disk (or --offload disk) or free memory")
             raise BadInput(f"{top.stage} needs ~{gb(top.bytes)} of memory, {gb(have)} available; {hint} "
                            f"({SKIP_CHECK_ENV}=1 to try anyway)")
     files = todo.estimated_total()

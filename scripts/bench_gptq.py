@@ -13,7 +13,9 @@ negative when shared is better everywhere). Above it, each permutation's change 
 error from the two modes' per-window NLLs (`quality.paired_change`), and all permutations' pooled
 window by window. `--modes batched` (or `--modes shared batched`) compares `hessian: batched`
 (GPTQModel's algorithm, one batched forward per layer) the same way, ending with
-`sweep: batched/sequential wall ratio R, worst perplexity change P%`; `--reuse MODE=SWEEP_JSON` takes
+`sweep: batched/sequential wall ratio R, worst perplexity change P%`; `--modes mixed`, `hessian: shared`
+except where the plan's rule says it measured worse (3-bit, 4-bit without groups:
+formats.gptq.shared_measured_worse), there `batched`; `--reuse MODE=SWEEP_JSON` takes
 a mode's rows from an earlier run of the same code instead of running it again. --quick: 4 permutations (4-bit g32 and g64, act-order on and
 off, damp 0.1) with the demo's calibration (16 x 512); otherwise the reference card's 7 (group
 size 128 replaced by 64, which divides SmolLM2's width).
@@ -57,7 +59,9 @@ DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-fair"  # weights off th
 # SmolLM2-135M has hidden size 576: group sizes 64 and 32 divide it, 128 does not.
 DEFAULT_GPTQ = ["4:64:act", "4:32:noact", "8:none:act"]
 QUICK_SWEEP = ["4:32:act", "4:32:noact", "4:64:act", "4:64:noact"]
-COMPARED_MODES = ("shared", "batched")  # hessian modes --sweep compares with sequential
+# hessian modes --sweep compares with sequential; mixed: shared, but batched where shared measured worse
+COMPARED_MODES = ("shared", "batched", "mixed")
+REUSABLE_MODES = (*COMPARED_MODES, "sequential")
 REFERENCE_SWEEP = ["4:none:act", "4:64:act", "4:32:act", "3:64:act", "8:none:act", "3:32:act", "8:64:act"]
 
 
@@ -67,10 +71,19 @@ def parse_gptq(spec: str) -> dict:
     return {"bits": int(bits), "group_size": group, "act_order": order == "act"}
 
 
+def hessian_of(entry: dict, mode: str) -> str:
+    """The recipe's `hessian:` for a permutation in a compared mode (`mixed`: the plan's own rule)."""
+    from quantize.formats.gptq import GPTQVariant, shared_measured_worse
+
+    if mode != "mixed":
+        return mode
+    return "batched" if shared_measured_worse(GPTQVariant(**entry)) else "shared"
+
+
 def write_recipe(folder: Path, args, hessian: str | None = None) -> Path:
     gptq = [parse_gptq(spec) for spec in args.gptq]
     if hessian:
-        gptq = [{**entry, "damp": 0.1, "hessian": hessian} for entry in gptq]
+        gptq = [{**entry, "damp": 0.1, "hessian": hessian_of(entry, hessian)} for entry in gptq]
     recipe = {
         "source": {"path": str(Path(args.model).resolve()), "name": "SmolLM2 135M Instruct",
                    "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -196,7 +209,7 @@ def compare(args, mode: str, ours: dict, sequential: dict) -> tuple[float, float
                                       for side in (sequential, ours)))
         print(f"over the {len(changes)} permutations {mode} changes perplexity by {mean:+.2f}% ± {error:.2f}% "
               f"(one standard error, {len(ours['rows'][0]['window_nll'])} windows, paired)")
-    hessians = ours["rows"][0]["timings"].get(f"gptq_hessians_{args.seq_len}_shared")
+    hessians = capture_seconds(ours["rows"], args.seq_len)
     print(f"fp16 perplexity {ours['rows'][0]['baseline_perplexity']:.3f}; "
           f"{f'Hessian capture {hessians} s; ' if hessians is not None else ''}"
           f"peak RSS {mode} {ours['peak_rss_mb']} MB, sequential {sequential['peak_rss_mb']} MB")
@@ -292,8 +305,14 @@ def mean_per_window(series: list[list[float]]) -> list[float]:
 def quantization_seconds(rows: list[dict], seq_len: int) -> float:
     """What making the permutations cost, evaluation and verification (the same in both modes) left
     out: the shared Hessians once, then each permutation's load, quantization and save."""
-    shared = rows[0]["timings"].get(f"gptq_hessians_{seq_len}_shared", 0.0)
-    return shared + sum(row["timings"][stage] for row in rows for stage in ("load", "quantize", "save"))
+    made = sum(row["timings"][stage] for row in rows for stage in ("load", "quantize", "save"))
+    return (capture_seconds(rows, seq_len) or 0.0) + made
+
+
+def capture_seconds(rows: list[dict], seq_len: int) -> float | None:
+    """The shared Hessians' capture time, from a row that used them (None where none did)."""
+    key = f"gptq_hessians_{seq_len}_shared"
+    return next((row["timings"][key] for row in rows if key in row["timings"]), None)
 
 
 def markdown(release: list[dict], naive: list[dict], release_seconds: float) -> str:
@@ -332,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --sweep: the hessian modes compared with sequential (GPTQModel's loop)")
     parser.add_argument("--quick", action="store_true", help="with --sweep: 4 permutations, 16 x 512 calibration")
     parser.add_argument("--reuse", action="append", default=[], metavar="MODE=SWEEP_JSON",
-                        help="with --sweep: take MODE's (shared, batched or sequential) results from an earlier run's "
+                        help=f"with --sweep: take MODE's ({', '.join(REUSABLE_MODES)}) results from an earlier run's "
                              "sweep.json instead of running it, where only the other mode's code changed")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one variant, for the naive runs
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -340,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for item in args.reuse:
         mode, _, path = item.partition("=")
-        if mode not in (*COMPARED_MODES, "sequential") or not Path(path).is_file():
-            parser.error(f"--reuse {item}: give MODE=FILE (shared, batched or sequential), FILE an earlier sweep.json")
+        if mode not in REUSABLE_MODES or not Path(path).is_file():
+            parser.error(f"--reuse {item}: give MODE=FILE (MODE one of {', '.join(REUSABLE_MODES)}), "
+                         "FILE an earlier sweep.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     shared_wikitext = REPO.parent / "shared" / "data" / "wikitext-2"

@@ -103,6 +103,15 @@ def test_dense_linear_reproduces_the_layer():
     assert torch.allclose(dense(x), layer(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens, columns", [(3, 1), (100, 65), (512, 576), (700, 1536)])
+def test_gram_multiplies_the_upper_blocks_and_mirrors_them_into_exactly_xtx(tokens, columns):
+    from quantize.engines.gptqmodel.hessians import gram
+
+    torch.manual_seed(columns)
+    x = torch.randn(tokens, columns)
+    assert torch.equal(gram(x), x.t() @ x)
+
+
 @pytest.mark.parametrize("sym, group_size, tokens", [(False, 64, 700), (True, 32, 1500), (False, -1, 700),
                                                     (True, -1, 200)])  # the last: a group wider than the tokens
 def test_awq_clip_search_chooses_what_gptqmodels_own_search_chooses(sym, group_size, tokens):

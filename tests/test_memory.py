@@ -165,6 +165,21 @@ def test_release_refuses_when_memory_is_short(tiny_model, write_recipe, tmp_path
     assert code == 0
 
 
+def test_a_batched_stage_that_does_not_fit_names_the_mode_that_does(tiny_model, write_recipe, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Offloading layers to disk does not shrink hessian: batched's activations: the one-line refusal
+    points to hessian: sequential instead."""
+    recipe = write_recipe(tiny_recipe(tiny_model, calibration={"samples": 64, "seq_len": 512},
+                                      gptq=[{"bits": 4, "group_size": 128, "hessian": "batched"}],
+                                      compute={"device": "cpu", "offload": "disk"}))
+    peak = api.plan(recipe).peak_memory()
+    assert peak.stage == "gptq/main: quantize"
+    monkeypatch.setattr(memory, "available_memory", lambda: peak.bytes - 1)
+    code, _, err = run_cli(capsys, "release", recipe, "--out", tmp_path / "out", "--no-publish", "--dry-run")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "gptq/main: quantize needs" in err and "use hessian: sequential" in err and "offload" not in err
+
+
 def test_release_refuses_when_disk_is_short(tiny_model, write_recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(memory, "free_disk", lambda folder: 1000 ** 2)
     recipe = write_recipe(tiny_recipe(tiny_model, **GPTQ_AND_GGUF))

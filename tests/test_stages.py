@@ -184,6 +184,7 @@ def test_the_plan_warns_of_shared_hessians_where_they_were_measured_far_behind(t
                        gptq=[{"bits": 4, "group_size": 64, "hessian": "shared"},
                              {"bits": 3, "group_size": 64, "hessian": "shared"},
                              {"bits": 4, "group_size": "none", "hessian": "shared"},
+                             {"bits": 8, "group_size": "none", "hessian": "shared"},  # measured as good
                              {"bits": 3, "group_size": 32}])  # sequential: no warning
     recipe = load_recipe(write_recipe(data))
     warnings = [w for w in build_plan(recipe, inspect_source(recipe)).warnings if "hessian: shared" in w]

@@ -7,6 +7,7 @@ group-aware reordering is off, so every loader that reads GPTQ folders runs them
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import field_validator
@@ -33,11 +34,12 @@ class GPTQVariant(WeightVariantSpec):
     # sequential: GPTQModel's own loop, inputs from the already-quantized earlier layers;
     # batched: the same algorithm with every calibration window run through each layer in one forward,
     # each group solved when its input arrives: one forward per layer instead of GPTQModel's five, so
-    # about 0.4 of its time, holding one layer's activations for all windows at once (the plan counts them);
+    # about 0.35 of its time, holding one layer's activations for all windows at once (the plan counts them);
     # shared: every permutation solves from one calibration pass over the fp16 model (its Hessians):
     # about a quarter of the quantization time of a 4-permutation sweep, in no more memory, within
     # about 1-2% on 4-bit grouped and 8-bit but 16-49% worse perplexity on 3-bit and ungrouped 4-bit
-    # on the fair SmolLM2 (README; the plan warns). Both opt-in
+    # on the fair SmolLM2 (README; the plan warns: shared_measured_worse). Both opt-in; mixed per
+    # permutation (shared where it matched the loop, batched elsewhere) a 7-permutation sweep took 0.24
     hessian: Literal["sequential", "batched", "shared"] = "sequential"
 
     @field_validator("bits")
@@ -59,6 +61,13 @@ class GPTQVariant(WeightVariantSpec):
 
     def default_description(self) -> str:
         return gptq_default_description(self.bits, self.group_size, self.act_order)
+
+
+def shared_measured_worse(spec: GPTQVariant) -> bool:
+    """Where `hessian: shared` measured clearly worse than GPTQModel's loop (16-49% perplexity on the
+    fair SmolLM2, README: the seven-permutation sweep): 3-bit, and 4-bit without groups (8-bit without
+    groups measured the same as the loop's)."""
+    return spec.bits <= 3 or (spec.bits <= 4 and spec.group_size is None)
 
 
 def gptq_settings(spec: GPTQVariant) -> dict[str, Any]:
@@ -106,8 +115,10 @@ class GPTQFormat(WeightFormatPlugin):
 
     def quantize_memory(self, variant_id, index, spec: GPTQVariant, calib, source, device, offload, packed_bytes=0):
         if spec.hessian == "batched":  # the loop's memory with every window in one forward
-            return memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
+            peak = memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
                                         offload, packed_bytes, forward_samples=calib.samples)
+            return peak and replace(peak, remedy="use hessian: sequential (one window's activations at a time, "
+                                              "the same algorithm) or fewer calibration samples, or free memory")
         if spec.hessian != "shared":
             return super().quantize_memory(variant_id, index, spec, calib, source, device, offload, packed_bytes)
         hessians = hessian_bytes(source.facts.config if source.facts else None)
@@ -115,10 +126,10 @@ class GPTQFormat(WeightFormatPlugin):
                                           solve_threads(device.name, MAX_SOLVE_THREADS))  # the most, on any machine
 
     def plan_warnings(self, variants: list[Variant]) -> list[str]:
-        coarse = [v.id for v in variants if v.spec.hessian == "shared" and (v.spec.bits <= 3 or v.spec.group_size is None)]
+        coarse = [v.id for v in variants if v.spec.hessian == "shared" and shared_measured_worse(v.spec)]
         if not coarse:
             return []
-        return [f"{', '.join(coarse)}: hessian: shared at 3-bit or without groups measured 16-49% worse perplexity "
+        return [f"{', '.join(coarse)}: hessian: shared at 3-bit or 4-bit without groups measured 16-49% worse perplexity "
                 "than hessian: sequential on a model with outlier channels (README, the seven-permutation sweep); "
                 "hessian: batched runs sequential's algorithm faster, where its memory fits"]
 

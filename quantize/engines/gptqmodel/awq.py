@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from .hessians import gram
 from .setup import samples_per_forward
 
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents: r = 0, 1/20, ..., 19/20
@@ -156,8 +157,7 @@ def _linear_input_gram(x, module2inspect, linears2scale, evaluations: int) -> In
     tokens = x.shape[0]
     matrix = torch.zeros(columns, columns, dtype=torch.float32, device=module2inspect.weight.device)
     for chunk in x.split(4096):
-        chunk = chunk.to(matrix.device, torch.float32)
-        matrix.addmm_(chunk.t(), chunk)
+        matrix.add_(gram(chunk.to(matrix.device, torch.float32)))
     return InputGram(matrix, tokens)
 
 
