@@ -831,8 +831,7 @@ def loop_written_out(model, windows: list[list[int]], qcfg, feedback: bool = Tru
 
     def run(layer, states):
         with torch.inference_mode():
-            return [(lambda out: out[0] if isinstance(out, (tuple, list)) else out)(layer(x, *extra, **kwargs))
-                    for x in states]
+            return [shared.hidden_states(layer(x, *extra, **kwargs)) for x in states]
 
     for layer_name, layer in shared.decoder_layers(model):
         fp16_outputs = None if feedback else run(layer, hidden)

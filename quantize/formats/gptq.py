@@ -85,7 +85,7 @@ def gptq_fields(spec: GPTQVariant) -> dict[str, Any]:
 # Computed in the device's dtype (quantize/devices.py): float32 on a CPU, exact for fp16 and bf16 sources.
 GPTQ = WeightFormat(name="gptq", quantize_backend="auto", load_backend="torch",
                     quantize_settings=gptq_settings, release_fields=gptq_fields, legacy_keys=GPTQ_LEGACY_KEYS,
-                    needs_optimum=True)
+                    needs_optimum=True, solved_in_one_forward=lambda spec: spec.hessian == "batched")
 
 
 class GPTQFormat(WeightFormatPlugin):

@@ -48,6 +48,8 @@ class WeightFormat:
 
     # GPTQModel's loop runs FORWARD_TOKENS of calibration samples per forward pass (else one sample)
     batched_forwards: bool = False
+    # variant spec -> whether it is quantized by hessians.quantize_batched instead of GPTQModel's loop
+    solved_in_one_forward: Callable[[Any], bool] = lambda spec: False
 
     # The compute dtype comes from the device (quantize/devices.py): float32 on a CPU, fp16/bf16 on a GPU.
 
@@ -174,7 +176,7 @@ class GPTQModelBackend(Backend):
                 with clock.stage("quantize"):
                     quantize_with_hessians(model, load_hessians(hessian_folder), fmt.backend_for(device), device.name,
                                            offload_folder if on_disk else None)
-            elif getattr(spec, "hessian", None) == "batched":  # the loop's algorithm, one forward per layer
+            elif fmt.solved_in_one_forward(spec):  # the loop's algorithm, one forward per layer
                 with clock.stage("quantize"), embeddings_in_stored_dtype(model, self.context.model_path):
                     quantize_batched(model, store.value(windows), fmt.backend_for(device), device.name,
                                      offload_folder if on_disk else None)
