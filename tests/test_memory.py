@@ -13,6 +13,7 @@ import pytest
 from quantize import api, memory
 from quantize.cli import main
 from quantize.engines.gptqmodel.hessians import MAX_SOLVE_THREADS, solve_threads
+from quantize.formats.gptq import plan_hessian
 
 from .conftest import tiny_recipe
 
@@ -67,7 +68,7 @@ def test_awq_plans_several_samples_per_forward(tiny_model, write_recipe):
     """AWQ's loop and scale search run FORWARD_TOKENS of samples per forward, GPTQ's loop one sample."""
     from quantize.engines.gptqmodel.setup import samples_per_forward
 
-    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128}], awq=[{"bits": 4, "group_size": 128}],
+    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128, "hessian": "sequential"}], awq=[{"bits": 4, "group_size": 128}],
                        compute={"device": "cpu"})
     plan = api.plan(write_recipe(data))
     stages, s = stages_of(plan), memory.shapes(plan.source.facts)
@@ -136,6 +137,34 @@ def test_batched_hessians_plan_every_windows_activations_at_once(tiny_model, wri
     assert sequential["calibration activations"] == memory.activations(shapes, 8, 128, 4)
     assert batched["calibration activations"] > sequential["calibration activations"]
     assert not [a for a in plan.artifacts if a.startswith("gptq_hessians")]  # no shared pass
+
+
+def test_hessian_auto_runs_batched_where_its_memory_fits_else_gptqmodels_loop(tiny_model, write_recipe, tmp_path,
+                                                                             capsys, monkeypatch):
+    """The default, hessian: auto, is resolved by the plan: batched (GPTQModel's loop's files, one forward per
+    layer) where its peak fits the memory available, else sequential; the plan shows, counts and checks the
+    mode that will run, so a release it can't run batched runs the loop instead of being refused."""
+    data = tiny_recipe(tiny_model, calibration={"samples": 64, "seq_len": 512}, gptq=[{"bits": 4, "group_size": 128}],
+                       compute={"device": "cpu"})
+    recipe = write_recipe(data)
+    batched = stages_of(api.plan(write_recipe({**data, "gptq": [{**data["gptq"][0], "hessian": "batched"}]},
+                                              "batched.yaml")))["gptq/main: quantize"]
+    for available, mode in ((batched.bytes, "batched"), (batched.bytes - 1, "sequential")):
+        monkeypatch.setattr(memory, "available_memory", lambda: available)
+        plan = api.plan(recipe)
+        assert plan.variants[0].spec.hessian == mode
+        code, out, err = run_cli(capsys, "release", recipe, "--out", tmp_path / "out", "--no-publish", "--dry-run")
+        assert code == 0 and f"{mode} hessian" in out, err
+
+
+def test_hessian_auto_keeps_gptqmodels_loop_where_batched_was_not_checked():
+    peak = memory.StageMemory("gptq/main: quantize", 10 ** 9)
+    llama = {"model_type": "llama", "hidden_size": 4096}
+    assert plan_hessian(peak, 2 * 10 ** 9, False, llama) == "batched"
+    assert plan_hessian(peak, 2 * 10 ** 9, True, llama) == "sequential"  # a GPU: not run there yet
+    assert plan_hessian(peak, 2 * 10 ** 9, False, {**llama, "num_local_experts": 8}) == "sequential"
+    assert plan_hessian(peak, 2 * 10 ** 9, False, {"text_config": {"n_routed_experts": 64}}) == "sequential"
+    assert plan_hessian(None, 2 * 10 ** 9, False, llama) == "sequential"  # shapes unknown
 
 
 def test_concurrent_solves_count_each_groups_work():
@@ -401,3 +430,4 @@ def test_a_quantized_model_is_freed_although_gptqmodel_still_refers_to_it(tiny_m
     gc.collect()
     if held() is not None:  # GPTQModel's pool may still hold it: then only as an empty shell
         assert all(t.device.type == "meta" for t in held().parameters())
+

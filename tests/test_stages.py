@@ -132,6 +132,10 @@ def _digests(write_recipe, data: dict) -> dict[str, str]:
     (lambda d: d["source"].update(name="Another Name"), {"gguf/Q4_K_M", "gguf/Q8_0"}),  # general.name in the file
     (lambda d: d["calibration"].update(seed=1), {"gptq/main", "gguf/Q4_K_M", "gguf/Q8_0"}),
     (lambda d: d["gptq"][0].update(damp=0.05), {"gptq/main"}),
+    # GPTQModel's loop and its one-forward-per-layer form make the same files: switching redoes nothing
+    (lambda d: d["gptq"][0].update(hessian="batched"), set()),
+    (lambda d: d["gptq"][0].update(hessian="sequential"), set()),
+    (lambda d: d["gptq"][0].update(hessian="shared"), {"gptq/main"}),
     (lambda d: d["gptq"][0].update(description="Another text"), set()),  # the card changes, not the files
     (lambda d: d["release"].update(tags=["x"]), set()),
 ])

@@ -131,6 +131,7 @@ class WeightFormatPlugin(Format):
             variant_id = f"{self.name}/{branch}"
             size = weight_bytes(source.facts, spec.bits, spec.group_size)
             packed = max(0, (size or 0) - memory.unquantized_bytes(source.facts))
+            spec = self.resolved(spec, calib, source, device, offload, packed)
             stages = (self.quantize_memory(variant_id, index, spec, calib, source, device, offload, packed),
                       memory.evaluation(f"{variant_id}: verify", source.facts, device.eval_dtype, EVAL_WINDOW,
                                         offload, size or 0))
@@ -141,6 +142,12 @@ class WeightFormatPlugin(Format):
                 needs=(windows, *self.shared_work(spec, windows, source, device), reference), device=device,
                 offload=offload, memory=tuple(m for m in stages if m is not None)))
         return variants
+
+    def resolved(self, spec: WeightVariantSpec, calib, source: "SourceModel", device: "Device", offload: str,
+                 packed_bytes: int) -> WeightVariantSpec:
+        """The spec with the choices it leaves to the plan made for this model and machine (GPTQ's
+        `hessian: auto`); as the recipe gives it where there are none."""
+        return spec
 
     def quantize_memory(self, variant_id: str, index: int, spec: WeightVariantSpec, calib, source: "SourceModel",
                         device: "Device", offload: str, packed_bytes: int = 0):

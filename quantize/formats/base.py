@@ -37,6 +37,15 @@ def byte_params(spec: BaseModel) -> dict[str, Any]:
             if not (info.json_schema_extra or {}).get(PRESENTATION)}
 
 
+def identity_params(spec: BaseModel) -> dict[str, Any]:
+    """byte_params with the values a spec declares to make the same files (its SAME_FILES: field -> value ->
+    the value it stands for) written one way: choosing between them redoes nothing."""
+    params = byte_params(spec)
+    for name, same in getattr(spec, "SAME_FILES", {}).items():
+        params[name] = same.get(params[name], params[name])
+    return params
+
+
 def artifact_tree(artifact: Artifact) -> dict[str, Any]:
     """An artifact's inputs with those of everything it is made from: what a variant's bytes depend on."""
     return {"name": artifact.name, "inputs": artifact.inputs(), "needs": [artifact_tree(a) for a in artifact.needs()]}
@@ -84,7 +93,7 @@ class Variant:
         compute dtype is in it when it is not float32 (the CPU's, which the keys always assumed);
         the device's name is not (the same dtype gives the same files)."""
         calibration = {k: v for k, v in (self.calibration_summary or {}).items() if k != "path"}
-        parts = [self.format, self.params, calibration, self.source_identity, [artifact_tree(a) for a in self.needs]]
+        parts = [self.format, identity_params(self.spec), calibration, self.source_identity, [artifact_tree(a) for a in self.needs]]
         if self.compute_dtype not in (None, "float32"):
             parts.append({"compute_dtype": self.compute_dtype})
         return content_key(*parts)

@@ -8,7 +8,7 @@ group-aware reordering is off, so every loader that reads GPTQ folders runs them
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator
 
@@ -33,14 +33,18 @@ class GPTQVariant(WeightVariantSpec):
     sym: bool = True
     # sequential: GPTQModel's own loop, inputs from the already-quantized earlier layers;
     # batched: the same algorithm with every calibration window run through each layer in one forward,
-    # each group solved when its input arrives: one forward per layer instead of GPTQModel's five, so
-    # about 0.35 of its time, holding one layer's activations for all windows at once (the plan counts them);
+    # each group solved when its input arrives: one forward per layer instead of GPTQModel's five, about
+    # 0.4 of its time, and on a CPU the loop's very files (its Hessians summed window by window, as the
+    # loop does); it holds one layer's activations for all windows at once (the plan counts them);
+    # auto (the default): the plan picks batched where that memory fits, else sequential (plan_hessian);
     # shared: every permutation solves from one calibration pass over the fp16 model (its Hessians):
     # about a quarter of the quantization time of a 4-permutation sweep, in no more memory, within
     # about 1-2% on 4-bit grouped and 8-bit but 16-49% worse perplexity on 3-bit and ungrouped 4-bit
-    # on the fair SmolLM2 (README; the plan warns: shared_measured_worse). Both opt-in; mixed per
-    # permutation (shared where it matched the loop, batched elsewhere) a 7-permutation sweep took 0.24
-    hessian: Literal["sequential", "batched", "shared"] = "sequential"
+    # on the fair SmolLM2 (README; the plan warns: shared_measured_worse).
+    hessian: Literal["auto", "sequential", "batched", "shared"] = "auto"
+
+    # sequential, batched and auto make the same files: choosing between them redoes no finished variant
+    SAME_FILES: ClassVar[dict[str, dict[str, str]]] = {"hessian": {"auto": "sequential", "batched": "sequential"}}
 
     @field_validator("bits")
     @classmethod
@@ -68,6 +72,22 @@ def shared_measured_worse(spec: GPTQVariant) -> bool:
     fair SmolLM2, README: the seven-permutation sweep): 3-bit, and 4-bit without groups (8-bit without
     groups measured the same as the loop's)."""
     return spec.bits <= 3 or (spec.bits <= 4 and spec.group_size is None)
+
+
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json keys of MoE models
+
+
+def plan_hessian(batched_peak: "memory.StageMemory | None", available: int, on_gpu: bool,
+                 config: dict[str, Any] | None) -> str:
+    """What `hessian: auto` runs: `batched` (GPTQModel's loop's files in about 0.4 of its time) where its
+    peak memory (every window's activations at once) fits what is available, else `sequential`; also
+    `sequential` where batched has not been checked or may not run: on a GPU (not run there yet), for
+    a mixture of experts (an expert no calibration token reaches stops batched), and where the model's
+    shapes are unknown."""
+    text = (config or {}).get("text_config") or config or {}
+    experts = any((text.get(key) or 0) > 1 for key in EXPERT_KEYS)
+    fits = batched_peak is not None and batched_peak.bytes <= available
+    return "batched" if fits and not on_gpu and not experts else "sequential"
 
 
 def gptq_settings(spec: GPTQVariant) -> dict[str, Any]:
@@ -113,12 +133,25 @@ class GPTQFormat(WeightFormatPlugin):
                              memory.hessian_capture(source.facts, device.compute_dtype, windows.samples, windows.seq_len,
                                                     hessians)),)
 
+    def resolved(self, spec: GPTQVariant, calib, source, device, offload, packed_bytes) -> GPTQVariant:
+        if spec.hessian != "auto":
+            return spec
+        batched = self.batched_memory("", calib, source, device, offload, packed_bytes)
+        mode = plan_hessian(batched, memory.available_memory(), device.is_cuda,
+                            source.facts.config if source.facts else None)
+        return spec.model_copy(update={"hessian": mode})
+
+    @staticmethod
+    def batched_memory(variant_id, calib, source, device, offload, packed_bytes):
+        """GPTQModel's loop's memory with every calibration window in one forward (`hessian: batched`)."""
+        peak = memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
+                                    offload, packed_bytes, forward_samples=calib.samples)
+        return peak and replace(peak, remedy="use hessian: sequential (one window's activations at a time, "
+                                          "the same files) or fewer calibration samples, or free memory")
+
     def quantize_memory(self, variant_id, index, spec: GPTQVariant, calib, source, device, offload, packed_bytes=0):
-        if spec.hessian == "batched":  # the loop's memory with every window in one forward
-            peak = memory.gptq_quantize(variant_id, source.facts, device.compute_dtype, calib.samples, calib.seq_len,
-                                        offload, packed_bytes, forward_samples=calib.samples)
-            return peak and replace(peak, remedy="use hessian: sequential (one window's activations at a time, "
-                                              "the same algorithm) or fewer calibration samples, or free memory")
+        if spec.hessian == "batched":
+            return self.batched_memory(variant_id, calib, source, device, offload, packed_bytes)
         if spec.hessian != "shared":
             return super().quantize_memory(variant_id, index, spec, calib, source, device, offload, packed_bytes)
         hessians = hessian_bytes(source.facts.config if source.facts else None)
@@ -131,7 +164,7 @@ class GPTQFormat(WeightFormatPlugin):
             return []
         return [f"{', '.join(coarse)}: hessian: shared at 3-bit or 4-bit without groups measured 16-49% worse perplexity "
                 "than hessian: sequential on a model with outlier channels (README, the seven-permutation sweep); "
-                "hessian: batched runs sequential's algorithm faster, where its memory fits"]
+                "hessian: auto (the default) makes sequential's files faster where its memory fits"]
 
     def describe_more(self, spec: GPTQVariant) -> str:
         return f", act-order {'on' if spec.act_order else 'off'}, damp {spec.damp}, {spec.hessian} hessian"

@@ -17,6 +17,8 @@ packed layers stay in memory or, with `offload: disk`, go to disk as in GPTQMode
 `batched` mode (quantize_batched) is the loop's algorithm — each group's inputs from the quantized
 earlier layers and groups — with every calibration window run through a layer in one forward, each
 group solved in a pre-hook when its input arrives: one forward per layer where the loop runs five.
+Its Hessians are summed window by window in window order, as the loop accumulates them, so on a CPU
+it makes the loop's very files (tested against GPTQModel's own loop).
 
 The solve, the packing and the saving are GPTQModel's own (`GPTQ.quantize`, `create_quant_module`,
 `pack_module`, `save`): the folder is the same classic GPTQ checkpoint every way.
@@ -176,6 +178,18 @@ def gram(x) -> Any:
     return product
 
 
+def window_gram_sum(batch) -> Any:
+    """Σ xᵀx over the windows of a [windows, tokens, columns] batch, one window's product at a time and
+    added in window order: the sum GPTQModel's loop forms, one window per forward, to the bit."""
+    import torch
+
+    total = None
+    for window in batch.reshape(-1, batch.shape[-2], batch.shape[-1]):
+        product = gram(window.to(torch.float32))
+        total = product if total is None else total.add_(product)
+    return total
+
+
 def hidden_states(output) -> Any:
     """A decoder layer's output hidden states: some layers return them alone, others first in a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -303,7 +317,9 @@ def quantize_batched(gptq_model, windows: list[list[int]], backend: str = "auto"
     then computing the rest of the layer. So each group's Hessian comes from the already-quantized
     earlier layers and earlier groups of its own layer, as in GPTQModel's loop, which runs each layer
     once per group and once more for its outputs: about five forward passes of the model to this one.
-    The price is memory: one layer's activations for all windows at once (the plan counts them).
+    Each group's Hessian is summed window by window (window_gram_sum), as the loop forms it, so with the
+    same thread count the files are the loop's to the bit on a CPU. The price is memory: one layer's
+    activations for all windows at once (the plan counts them).
 
     The solve, the packing and the saving are GPTQModel's own, as in `quantize_with_hessians`."""
     import torch
@@ -349,9 +365,7 @@ def run_solving(layer, hidden, extra: tuple, kwargs: dict[str, Any], groups: lis
     def solve_on_arrival(members: list[str]):
         def solve(module, args):
             with torch.inference_mode(False):  # as quantize_with_hessians solves: outside inference mode
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-                hessian = gram(x).mul_(2.0 / tokens)
-                del x
+                hessian = window_gram_sum(args[0]).mul_(2.0 / tokens)
                 result = solve_group([linears[name] for name in members], hessian, tokens, qcfg)
                 for name, (weights, *_rest) in zip(members, result["parts"]):  # for the rest of the forward
                     linears[name].weight = torch.nn.Parameter(weights.to(linears[name].weight.dtype),
