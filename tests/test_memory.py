@@ -68,8 +68,8 @@ def test_awq_plans_several_samples_per_forward(tiny_model, write_recipe):
     """AWQ's loop and scale search run FORWARD_TOKENS of samples per forward, GPTQ's loop one sample."""
     from quantize.engines.gptqmodel.setup import samples_per_forward
 
-    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128, "hessian": "sequential"}], awq=[{"bits": 4, "group_size": 128}],
-                       compute={"device": "cpu"})
+    data = tiny_recipe(tiny_model, gptq=[{"bits": 4, "group_size": 128, "hessian": "sequential"}],
+                       awq=[{"bits": 4, "group_size": 128}], compute={"device": "cpu"})
     plan = api.plan(write_recipe(data))
     stages, s = stages_of(plan), memory.shapes(plan.source.facts)
     samples, seq_len = data["calibration"]["samples"], data["calibration"]["seq_len"]
@@ -430,4 +430,3 @@ def test_a_quantized_model_is_freed_although_gptqmodel_still_refers_to_it(tiny_m
     gc.collect()
     if held() is not None:  # GPTQModel's pool may still hold it: then only as an empty shell
         assert all(t.device.type == "meta" for t in held().parameters())
-

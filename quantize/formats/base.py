@@ -93,7 +93,8 @@ class Variant:
         compute dtype is in it when it is not float32 (the CPU's, which the keys always assumed);
         the device's name is not (the same dtype gives the same files)."""
         calibration = {k: v for k, v in (self.calibration_summary or {}).items() if k != "path"}
-        parts = [self.format, identity_params(self.spec), calibration, self.source_identity, [artifact_tree(a) for a in self.needs]]
+        parts = [self.format, identity_params(self.spec), calibration, self.source_identity,
+                 [artifact_tree(a) for a in self.needs]]
         if self.compute_dtype not in (None, "float32"):
             parts.append({"compute_dtype": self.compute_dtype})
         return content_key(*parts)
