@@ -105,11 +105,32 @@ def test_dense_linear_reproduces_the_layer():
 
 @pytest.mark.parametrize("tokens, columns", [(3, 1), (100, 65), (512, 576), (700, 1536)])
 def test_gram_multiplies_the_upper_blocks_and_mirrors_them_into_exactly_xtx(tokens, columns):
-    from quantize.engines.gptqmodel.hessians import gram
+    from quantize.engines.gptqmodel.hessians import GramSum
 
     torch.manual_seed(columns)
     x = torch.randn(tokens, columns)
-    assert torch.equal(gram(x), x.t() @ x)
+    summed = GramSum()
+    summed.add(x)
+    assert torch.equal(summed.total, x.t() @ x)
+
+
+@pytest.mark.parametrize("tokens, columns", [(3, 1), (100, 65), (512, 576)])
+def test_a_gram_sum_is_the_products_added_in_order_to_the_bit(tokens, columns):
+    from quantize.engines.gptqmodel.hessians import GramSum, window_gram_sum
+
+    torch.manual_seed(columns)
+    batch = torch.randn(4, tokens, columns) * torch.tensor([1.0, 1e3, 1e-3, 7.0]).view(4, 1, 1)
+    expected = batch[0].t() @ batch[0]
+    for x in batch[1:]:
+        expected.add_(x.t() @ x)
+    summed = GramSum()
+    for x in batch:
+        summed.add(x)
+    assert torch.equal(summed.total, expected) and torch.equal(window_gram_sum(batch), expected)
+    reordered = batch[3].t() @ batch[3]  # the order matters to the bit, so the test can tell
+    for x in batch[:3]:
+        reordered.add_(x.t() @ x)
+    assert columns == 1 or not torch.equal(reordered, expected)
 
 
 @pytest.mark.parametrize("sym, group_size, tokens", [(False, 64, 700), (True, 32, 1500), (False, -1, 700),

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .hessians import gram
+from .hessians import GramSum
 from .setup import samples_per_forward
 
 AWQ_GRID = 20  # GPTQModel's grid of scale exponents: r = 0, 1/20, ..., 19/20
@@ -155,10 +155,10 @@ def _linear_input_gram(x, module2inspect, linears2scale, evaluations: int) -> In
     columns = module2inspect.weight.shape[1]
     x = x.reshape(-1, columns)
     tokens = x.shape[0]
-    matrix = torch.zeros(columns, columns, dtype=torch.float32, device=module2inspect.weight.device)
+    summed = GramSum()
     for chunk in x.split(4096):
-        matrix.add_(gram(chunk.to(matrix.device, torch.float32)))
-    return InputGram(matrix, tokens)
+        summed.add(chunk.to(module2inspect.weight.device, torch.float32))
+    return InputGram(summed.total, tokens)
 
 
 def awq_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):
