@@ -17,6 +17,7 @@ from ..engines.gptqmodel.hessians import MAX_SOLVE_THREADS, GPTQHessians, hessia
 from ..engines.gptqmodel.weights import GPTQModelBackend, WeightFormat
 from ..quant_types import GPTQ_BITS, exllama_compatible, gptq_branch_name, gptq_default_description
 from ..schema import group_size_on_disk
+from ..source import config_value
 from ._weights import WeightFormatPlugin, WeightVariantSpec, yes_no
 from .base import Variant
 
@@ -74,7 +75,8 @@ def shared_measured_worse(spec: GPTQVariant) -> bool:
     return spec.bits <= 3 or (spec.bits <= 4 and spec.group_size is None)
 
 
-EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json keys of MoE models
+# a mixture of experts' expert count: the sizes' name (its spellings in source.SIZE_KEYS) and DeepSeek's key
+EXPERT_KEYS = ("num_local_experts", "n_routed_experts")
 
 
 def plan_hessian(batched_peak: "memory.StageMemory | None", available: int, on_gpu: bool,
@@ -84,8 +86,7 @@ def plan_hessian(batched_peak: "memory.StageMemory | None", available: int, on_g
     `sequential` where batched has not been checked or may not run: on a GPU (not run there yet), for
     a mixture of experts (an expert no calibration token reaches stops batched), and where the model's
     shapes are unknown."""
-    text = (config or {}).get("text_config") or config or {}
-    experts = any((text.get(key) or 0) > 1 for key in EXPERT_KEYS)
+    experts = any((config_value(config or {}, key) or 0) > 1 for key in EXPERT_KEYS)
     fits = batched_peak is not None and batched_peak.bytes <= available
     return "batched" if fits and not on_gpu and not experts else "sequential"
 
